@@ -1,0 +1,325 @@
+"""The Falcon-H1 network in readable PyTorch. All compute goes through `gyrfalcon.ops`.
+
+Every decoder layer runs a Mamba-2 mixer and a grouped-query attention in parallel on the same normalised input,
+scales each by its µP multiplier and adds both to the residual; then an RMSNorm and a SwiGLU MLP:
+
+    h = x + ssm_out_mult * Mamba(norm(x)) + attn_out_mult * Attention(attn_in_mult * norm(x))
+    y = h + down_mult * down(up(norm(h)) * silu(gate_mult * gate(norm(h))))
+
+Parameter names are the checkpoints' own (`model.layers.N.mamba.in_proj.weight`, ...), so Hugging Face
+checkpoints load with no conversion (see checkpoint.py). transformers' FalconH1ForCausalLM is the numerical oracle.
+
+Shapes: input_ids (b, l); attention_mask (b, l) with 1 for tokens and 0 for (left) padding; logits (b, l, vocab).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+from .config import FalconH1Config
+
+# Tiny per-head parameters kept in fp32 whatever the model dtype: they set the SSM's decay and step size.
+FP32_PARAMETERS = ("A_log", "D", "dt_bias")
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class CausalConv1d(nn.Module):
+    """Holds the depthwise conv's parameters under the checkpoint's names: weight (channels, 1, kernel), bias."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: FalconH1Config):
+        super().__init__()
+        d, hq, hk = config.attn_head_dim, config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.num_heads, self.num_kv_heads = d, hq, hk
+        self.q_proj = nn.Linear(config.hidden_size, hq * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, hk * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, hk * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(hq * d, config.hidden_size, bias=config.attention_bias)
+        self.key_multiplier = config.key_multiplier
+        self.dropout = config.attention_dropout
+
+    def forward(self, x, cos, sin, padding_mask=None):
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2) * self.key_multiplier
+        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = ops.apply_rope(q, k, cos, sin)
+        o = ops.attention(q, k, v, scale=self.head_dim ** -0.5, key_padding_mask=padding_mask,
+                          dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
+
+
+class MambaMixer(nn.Module):
+    """in_proj -> z | xBC | dt (each block scaled by its ssm_multiplier) -> causal conv + SiLU on xBC ->
+    SSD scan -> gate (y * silu(z), or the gated grouped RMSNorm) -> out_proj."""
+
+    def __init__(self, config: FalconH1Config):
+        super().__init__()
+        self.config = config
+        self.d_ssm, self.n_heads, self.head_dim = config.d_ssm, config.mamba_n_heads, config.mamba_head_dim
+        self.n_groups, self.d_state = config.mamba_n_groups, config.mamba_d_state
+        self.in_proj = nn.Linear(config.hidden_size, config.in_proj_size, bias=config.mamba_proj_bias)
+        self.conv1d = CausalConv1d(config.conv_dim, config.mamba_d_conv, config.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        if config.mamba_rms_norm:
+            self.norm = RMSNorm(self.d_ssm, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.d_ssm, config.hidden_size, bias=config.projectors_bias)
+        self.ssm_in_multiplier = config.ssm_in_multiplier
+
+    def block_multipliers(self, device, dtype) -> torch.Tensor:
+        """(in_proj_size,) µP factors of the z, x, B, C, dt blocks of in_proj's output."""
+        m = self.config.ssm_multipliers
+        gs = self.n_groups * self.d_state
+        sizes = (self.d_ssm, self.d_ssm, gs, gs, self.n_heads)
+        return torch.cat([torch.full((s,), f, device=device, dtype=torch.float32) for s, f in zip(sizes, m)]).to(dtype)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, l, _ = x.shape
+        if padding_mask is not None:
+            x = x * padding_mask[..., None].to(x.dtype)
+        zxbcdt = self.in_proj(x * self.ssm_in_multiplier) * self.block_multipliers(x.device, x.dtype)
+        z, xbc, dt = zxbcdt.split([self.d_ssm, self.config.conv_dim, self.n_heads], dim=-1)
+        if padding_mask is not None:
+            # Zero padding before the conv too: with in_proj bias, padding would otherwise leak into real tokens.
+            xbc = xbc * padding_mask[..., None].to(xbc.dtype)
+        xbc = ops.causal_conv1d(xbc, self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu")
+        if padding_mask is not None:
+            xbc = xbc * padding_mask[..., None].to(xbc.dtype)
+        xs, B, C = xbc.split([self.d_ssm, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        y = ops.ssd_scan(xs.view(b, l, self.n_heads, self.head_dim), dt, self.A_log,
+                         B.view(b, l, self.n_groups, self.d_state), C.view(b, l, self.n_groups, self.d_state),
+                         self.D, self.dt_bias, chunk_size=self.config.mamba_chunk_size,
+                         dt_limit=self.config.time_step_limit)
+        y = ops.gated_rms_norm(y.reshape(b, l, self.d_ssm), z,
+                               self.norm.weight if self.config.mamba_rms_norm else None,
+                               eps=self.config.rms_norm_eps, n_groups=self.n_groups,
+                               norm_before_gate=self.config.mamba_norm_before_gate, out_dtype=x.dtype)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: FalconH1Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x) * self.gate_multiplier)) * self.down_multiplier
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: FalconH1Config):
+        super().__init__()
+        self.feed_forward = MLP(config)
+        self.mamba = MambaMixer(config)
+        self.self_attn = Attention(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention_in_multiplier = config.attention_in_multiplier
+        self.attention_out_multiplier = config.attention_out_multiplier
+        self.ssm_out_multiplier = config.ssm_out_multiplier
+
+    def forward(self, x, cos, sin, padding_mask=None):
+        h = self.input_layernorm(x)
+        mamba_out = self.mamba(h, padding_mask) * self.ssm_out_multiplier
+        attn_out = self.self_attn(h * self.attention_in_multiplier, cos, sin, padding_mask)
+        x = x + (mamba_out + attn_out * self.attention_out_multiplier)
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
+
+
+class FalconH1Model(nn.Module):
+    def __init__(self, config: FalconH1Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # padding_idx as in transformers: the pad token's embedding row gets no gradient.
+        pad = self.config.pad_token_id
+        pad = pad if pad is not None and 0 <= pad < self.config.vocab_size else None
+        return F.embedding(input_ids, self.embed_tokens.weight, padding_idx=pad) * self.config.embedding_multiplier
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        cfg = self.config
+        seq_len = int(position_ids.max()) + 1 if cfg.rope["rope_type"] == "dynamic" else None
+        inv_freq, scaling = ops.rope_inv_freq(cfg.rope, cfg.attn_head_dim, cfg.max_position_embeddings, seq_len,
+                                              device=position_ids.device)
+        return ops.rope_cos_sin(position_ids, inv_freq, scaling, dtype)
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, padding_mask: torch.Tensor | None):
+        cos, sin = self.rope(position_ids, hidden.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, cos, sin, padding_mask, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, padding_mask)
+        return self.final_layernorm(hidden)
+
+
+class FalconH1ForCausalLM(nn.Module):
+    """Falcon-H1 language model. `from_pretrained` / `save_pretrained` read and write Hugging Face checkpoints;
+    `from_config` builds a random-init model (tests, benchmarks)."""
+
+    def __init__(self, config: FalconH1Config):
+        super().__init__()
+        self.config = config
+        self.model = FalconH1Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: FalconH1Config, *, dtype: torch.dtype | None = None, device=None,
+                    seed: int | None = None) -> "FalconH1ForCausalLM":
+        """A random-init model, built directly on `device` (float32 on CPU, bf16 on CUDA by default)."""
+        from .checkpoint import default_device, default_dtype
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.tie_weights()
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
+        model.init_weights(generator)
+        return model.to_model_dtype(dtype)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """transformers' initialisation: normal(0, initializer_range) linears/embeddings/conv, zero biases, unit
+        norms; A_log = log(1..H), D = 1, dt_bias = 1."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "A_log":
+                p.copy_(torch.log(torch.arange(1, p.numel() + 1, dtype=torch.float32)))
+            elif leaf in ("D", "dt_bias") or name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+        pad = self.config.pad_token_id
+        if pad is not None and 0 <= pad < self.config.vocab_size:
+            self.model.embed_tokens.weight[pad].zero_()
+
+    def to_model_dtype(self, dtype: torch.dtype) -> "FalconH1ForCausalLM":
+        """Cast to `dtype`, keeping A_log, D and dt_bias in fp32 (they set the scan's decay and step size)."""
+        for name, p in self.named_parameters():
+            target = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMETERS and dtype != torch.float64 else dtype
+            if p.dtype != target:
+                p.data = p.data.to(target)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, *, dtype: torch.dtype | None = None, device=None, token: str | None = None,
+                        revision: str | None = None) -> "FalconH1ForCausalLM":
+        """Load a Hugging Face Falcon-H1 checkpoint (local folder or hub id); see checkpoint.load_model."""
+        from .checkpoint import load_model
+        return load_model(cls, path_or_id, dtype=dtype, device=device, token=token, revision=revision)
+
+    def save_pretrained(self, directory, *, max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
+        """Write config.json + safetensors shards (+ index) that transformers loads as is; atomic."""
+        from .checkpoint import save_model
+        save_model(self, directory, max_shard_size=max_shard_size, overwrite=overwrite)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+        self.model.gradient_checkpointing = enabled
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0) -> CausalLMOutput:
+        """input_ids (b, l) or inputs_embeds (b, l, hidden) (used as given: the embedding multiplier is not
+        applied, as in transformers); attention_mask (b, l): 1 = token, 0 = left padding; position_ids (b, l)
+        (default: counted over real tokens); labels (b, l): shifted inside, -100 ignored, loss on the
+        multiplied logits; logits_to_keep: 0 = all positions, k = the last k, or a tensor of positions."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if hidden.dim() != 3:
+            raise ValueError(f"expected input_ids (batch, seq) or inputs_embeds (batch, seq, hidden); got "
+                             f"{tuple((input_ids if input_ids is not None else inputs_embeds).shape)}")
+        b, l = hidden.shape[:2]
+        padding_mask = self._padding_mask(attention_mask, b, l)
+        if position_ids is None:
+            if padding_mask is None:
+                position_ids = torch.arange(l, device=hidden.device).expand(b, l)
+            else:
+                position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+        elif position_ids.shape[-1] != l:
+            raise ValueError(f"position_ids has length {position_ids.shape[-1]}, the input has {l}")
+        hidden = self.model(hidden, position_ids.expand(b, l), padding_mask)
+
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep]) * self.config.lm_head_multiplier
+        loss = None
+        if labels is not None:
+            if labels.shape != (b, l):
+                raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(b, l)}")
+            loss = ops.causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    @staticmethod
+    def _padding_mask(attention_mask: torch.Tensor | None, b: int, l: int) -> torch.Tensor | None:
+        """(b, l) bool mask of real tokens, or None when there is no padding at all."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != (b, l):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, l)} "
+                             "(1 for tokens, 0 for padding)")
+        mask = attention_mask.bool()
+        return None if bool(mask.all()) else mask
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
