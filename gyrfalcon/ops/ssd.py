@@ -10,7 +10,8 @@ no state crosses from one document into the next.
 
 Shapes: x (b, l, h, p); dt (b, l, h); A_log, D, dt_bias (h,); B, C (b, l, g, n) with h % g == 0;
 initial_state / final state (b, h, p, n); seq_idx (b, l) integer, non-decreasing along each row.
-Outputs are in the compute dtype: float32, or float64 when x is float64 (for float64 references).
+The scan computes in float32 (float64 when x is float64, for references); y is returned in x's dtype and the
+final state in the compute dtype (fp32: states are always kept in fp32).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: b
 
 def ssd_scan_ref(x, dt, A_log, B, C, D=None, dt_bias=None, *, chunk_size: int, dt_softplus: bool = True,
                  dt_limit=INF_LIMIT, initial_state=None, seq_idx=None, return_final_state: bool = False):
-    """Chunked SSD scan in plain PyTorch. Returns y (b, l, h, p) [, final_state (b, h, p, n)]."""
+    """Chunked SSD scan in plain PyTorch. Returns y (b, l, h, p) in x's dtype [, final_state (b, h, p, n) fp32]."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     if h % g:
@@ -112,6 +113,7 @@ def ssd_scan_ref(x, dt, A_log, B, C, D=None, dt_bias=None, *, chunk_size: int, d
     y = y.reshape(b, nc * q, h, p)[:, :l]
     if D is not None:
         y = y + D.to(cdt)[:, None] * xs
+    y = y.to(x.dtype)
     if return_final_state:
         return y, state.reshape(b, h, p, n)
     return y
