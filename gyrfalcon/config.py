@@ -31,6 +31,13 @@ REQUIRED_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
                  "num_attention_heads")
 
 
+def _decode_special_floats(obj: dict):
+    """transformers >= 5 writes inf/nan as {"__float__": "Infinity"}; older files use the bare JSON extension."""
+    if set(obj) == {"__float__"}:
+        return float(obj["__float__"])
+    return obj
+
+
 class ConfigError(ValueError):
     """A config that does not describe a valid Falcon-H1 model; the message names the field and the fix."""
 
@@ -236,7 +243,7 @@ class FalconH1Config:
     def from_json_file(cls, path: str | os.PathLike) -> "FalconH1Config":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(), object_hook=_decode_special_floats)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file; a Falcon-H1 checkpoint folder holds config.json") from None
         except json.JSONDecodeError as err:

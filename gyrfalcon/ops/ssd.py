@@ -70,18 +70,22 @@ def ssd_scan_ref(x, dt, A_log, B, C, D=None, dt_bias=None, *, chunk_size: int, d
     xdt = xdt.view(b, nc, q, g, hpg, p)
     Bs = Bs.view(b, nc, q, g, n)
     Cs = Cs.view(b, nc, q, g, n)
-    a_cum = dA.view(b, nc, q, g, hpg).permute(0, 3, 4, 1, 2).cumsum(-1)      # (b, g, k, c, q)
+    dA = dA.view(b, nc, q, g, hpg).permute(0, 3, 4, 1, 2)                      # (b, g, k, c, q)
+    a_cum = dA.cumsum(-1)
     si = seq_idx.view(b, nc, q) if seq_idx is not None else None
 
-    # 1. Inside each chunk: y_i += sum_{j<=i} (C_i.B_j) exp(a_i - a_j) dt_j x_j
+    # 1. Inside each chunk: y_i += sum_{j<=i} (C_i.B_j) exp(seg_ij) dt_j x_j, seg_ij = sum_{j<k<=i} dA_k.
+    # seg is summed directly rather than as a_cum_i - a_cum_j: the difference of two long sums loses precision.
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    strictly_lower = causal.tril(-1)
+    seg = dA[..., :, None].expand(*dA.shape, q).masked_fill(~strictly_lower, 0).cumsum(-2)  # [i, j]
     keep = causal if si is None else causal & (si[:, :, :, None] == si[:, :, None, :])[:, None, None]
-    seg = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~keep, -math.inf)
+    decay = torch.exp(seg.masked_fill(~keep, -math.inf))
     cb = torch.einsum("bcign,bcjgn->bgcij", Cs, Bs)                             # (b, g, c, q, q)
-    y = torch.einsum("bgcij,bgkcij,bcjgkp->bcigkp", cb, torch.exp(seg), xdt)
+    y = torch.einsum("bgcij,bgkcij,bcjgkp->bcigkp", cb, decay, xdt)
 
-    # 2. Each chunk's own contribution to the state at its last token
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)                                 # (b, g, k, c, q)
+    # 2. Each chunk's own contribution to the state at its last token: decay from j to the end = seg[last, j]
+    to_end = torch.exp(seg[..., -1, :])                                         # (b, g, k, c, q)
     if si is not None:
         to_end = to_end * (si == si[..., -1:])[:, None, None]
     chunk_states = torch.einsum("bcjgn,bgkcj,bcjgkp->bcgkpn", Bs, to_end, xdt)

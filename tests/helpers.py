@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny configs with every option exercised, the transformers oracle, error metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from gyrfalcon import FalconH1Config
+
+# Distinct, non-unit values for every µP multiplier, so a multiplier applied in the wrong place shows.
+MULTIPLIERS = {
+    "embedding_multiplier": 1.7, "lm_head_multiplier": 0.45, "key_multiplier": 0.6,
+    "attention_in_multiplier": 0.8, "attention_out_multiplier": 1.3, "ssm_in_multiplier": 1.25,
+    "ssm_out_multiplier": 0.7, "mlp_multipliers": [0.9, 0.55], "ssm_multipliers": [0.35, 1.4, 0.65, 1.8, 0.5],
+}
+
+
+def tiny_config(**overrides) -> FalconH1Config:
+    """The tiny preset (2 layers, chunk 16) with non-unit multipliers and any overrides."""
+    return FalconH1Config.from_preset("tiny", **{**MULTIPLIERS, **overrides})
+
+
+def hf_model(config: FalconH1Config, seed: int = 0, dtype=torch.float32):
+    """transformers' FalconH1ForCausalLM for the same config, with random (not default) values in every tensor,
+    norms and per-head Mamba parameters included, so no parameter can hide behind its initial value."""
+    import transformers
+
+    hf_config = transformers.FalconH1Config.from_dict(config.to_dict())
+    hf_config._attn_implementation = "eager"
+    model = transformers.FalconH1ForCausalLM(hf_config)
+    randomize_(model, seed)
+    return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values in every parameter (of a gyrfalcon or a transformers model; the names are the same)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(p):
+        return torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype)
+
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.log(torch.rand(p.shape, generator=generator) * 4 + 0.5))
+        elif name.endswith(("D", "dt_bias")) or "norm" in name:
+            p.copy_(1.0 + 0.3 * randn(p))
+        elif name.endswith("bias"):
+            p.copy_(0.1 * randn(p))
+        else:
+            p.copy_(0.08 * randn(p))
+    return model
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (NaN anywhere gives inf)."""
+    actual, expected = actual.double(), expected.double()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
