@@ -65,13 +65,13 @@ class Attention(nn.Module):
         self.key_multiplier = config.key_multiplier
         self.dropout = config.attention_dropout
 
-    def forward(self, x, cos, sin, padding_mask=None):
+    def forward(self, x, cos, sin, padding_mask=None, seq_idx=None):
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2) * self.key_multiplier
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin)
-        o = ops.attention(q, k, v, scale=self.head_dim ** -0.5, key_padding_mask=padding_mask,
+        o = ops.attention(q, k, v, scale=self.head_dim ** -0.5, key_padding_mask=padding_mask, doc_ids=seq_idx,
                           dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
 
@@ -95,34 +95,42 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(self.d_ssm, config.hidden_size, bias=config.projectors_bias)
         self.ssm_in_multiplier = config.ssm_in_multiplier
 
-    def block_multipliers(self, device, dtype) -> torch.Tensor:
-        """(in_proj_size,) µP factors of the z, x, B, C, dt blocks of in_proj's output."""
-        m = self.config.ssm_multipliers
-        gs = self.n_groups * self.d_state
-        sizes = (self.d_ssm, self.d_ssm, gs, gs, self.n_heads)
-        return torch.cat([torch.full((s,), f, device=device, dtype=torch.float32) for s, f in zip(sizes, m)]).to(dtype)
-
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         b, l, _ = x.shape
+        cfg = self.config
+        s_z, s_x, s_b, s_c, s_dt = cfg.ssm_multipliers
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)
-        zxbcdt = self.in_proj(x * self.ssm_in_multiplier) * self.block_multipliers(x.device, x.dtype)
-        z, xbc, dt = zxbcdt.split([self.d_ssm, self.config.conv_dim, self.n_heads], dim=-1)
+        if self.in_proj.bias is None:
+            # in_proj is linear: its input factor joins the per-block µP factors below (no pass over x)
+            zxbcdt = self.in_proj(x)
+            s_z, s_x, s_b, s_c, s_dt = (m * self.ssm_in_multiplier for m in cfg.ssm_multipliers)
+        else:
+            zxbcdt = self.in_proj(x * self.ssm_in_multiplier)
+        z, xbc, dt = zxbcdt.split([self.d_ssm, cfg.conv_dim, self.n_heads], dim=-1)
         if padding_mask is not None:
             # Zero padding before the conv too: with in_proj bias, padding would otherwise leak into real tokens.
             xbc = xbc * padding_mask[..., None].to(xbc.dtype)
-        xbc = ops.causal_conv1d(xbc, self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu")
+        # The conv is depthwise, so scaling a channel's input equals scaling its weights: the x, B and C factors
+        # go into the (tiny) weight instead of a pass over the activations. Kept in fp32: a bf16 rounding of the
+        # scaled weight would be the same error at every token, a bias that does not average out.
+        gs = self.n_groups * self.d_state
+        channel_scale = torch.cat([torch.full((self.d_ssm,), s_x, device=x.device), torch.full((gs,), s_b, device=x.device),
+                                   torch.full((gs,), s_c, device=x.device)])
+        weight = self.conv1d.weight[:, 0, :].to(torch.promote_types(self.conv1d.weight.dtype, torch.float32)) * channel_scale[:, None]
+        xbc = ops.causal_conv1d(xbc, weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
         if padding_mask is not None:
             xbc = xbc * padding_mask[..., None].to(xbc.dtype)
-        xs, B, C = xbc.split([self.d_ssm, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
-        y = ops.ssd_scan(xs.view(b, l, self.n_heads, self.head_dim), dt, self.A_log,
+        xs, B, C = xbc.split([self.d_ssm, gs, gs], dim=-1)
+        y = ops.ssd_scan(xs.view(b, l, self.n_heads, self.head_dim), dt * s_dt, self.A_log,
                          B.view(b, l, self.n_groups, self.d_state), C.view(b, l, self.n_groups, self.d_state),
-                         self.D, self.dt_bias, chunk_size=self.config.mamba_chunk_size,
-                         dt_limit=self.config.time_step_limit)
-        y = ops.gated_rms_norm(y.reshape(b, l, self.d_ssm), z,
-                               self.norm.weight if self.config.mamba_rms_norm else None,
-                               eps=self.config.rms_norm_eps, n_groups=self.n_groups,
-                               norm_before_gate=self.config.mamba_norm_before_gate, out_dtype=x.dtype)
+                         self.D, self.dt_bias, chunk_size=cfg.mamba_chunk_size, dt_limit=cfg.time_step_limit,
+                         seq_idx=seq_idx)
+        y = ops.gated_rms_norm(y.reshape(b, l, self.d_ssm), z * s_z,
+                               self.norm.weight if cfg.mamba_rms_norm else None,
+                               eps=cfg.rms_norm_eps, n_groups=self.n_groups,
+                               norm_before_gate=cfg.mamba_norm_before_gate, out_dtype=x.dtype)
         return self.out_proj(y)
 
 
@@ -150,10 +158,10 @@ class DecoderLayer(nn.Module):
         self.attention_out_multiplier = config.attention_out_multiplier
         self.ssm_out_multiplier = config.ssm_out_multiplier
 
-    def forward(self, x, cos, sin, padding_mask=None):
+    def forward(self, x, cos, sin, padding_mask=None, seq_idx=None):
         h = self.input_layernorm(x)
-        mamba_out = self.mamba(h, padding_mask) * self.ssm_out_multiplier
-        attn_out = self.self_attn(h * self.attention_in_multiplier, cos, sin, padding_mask)
+        mamba_out = self.mamba(h, padding_mask, seq_idx) * self.ssm_out_multiplier
+        attn_out = self.self_attn(h * self.attention_in_multiplier, cos, sin, padding_mask, seq_idx)
         x = x + (mamba_out + attn_out * self.attention_out_multiplier)
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
@@ -180,14 +188,25 @@ class FalconH1Model(nn.Module):
                                               device=position_ids.device)
         return ops.rope_cos_sin(position_ids, inv_freq, scaling, dtype)
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, padding_mask: torch.Tensor | None):
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, padding_mask: torch.Tensor | None,
+                seq_idx: torch.Tensor | None = None):
         cos, sin = self.rope(position_ids, hidden.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, cos, sin, padding_mask, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx, use_reentrant=False)
             else:
-                hidden = layer(hidden, cos, sin, padding_mask)
+                hidden = layer(hidden, cos, sin, padding_mask, seq_idx)
         return self.final_layernorm(hidden)
+
+
+def positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) position of each token inside its packed document: 0 at each document's first token."""
+    b, l = seq_idx.shape
+    index = torch.arange(l, device=seq_idx.device).expand(b, l)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
 
 
 class FalconH1ForCausalLM(nn.Module):
@@ -276,11 +295,15 @@ class FalconH1ForCausalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                seq_idx: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids (b, l) or inputs_embeds (b, l, hidden) (used as given: the embedding multiplier is not
         applied, as in transformers); attention_mask (b, l): 1 = token, 0 = left padding; position_ids (b, l)
-        (default: counted over real tokens); labels (b, l): shifted inside, -100 ignored, loss on the
-        multiplied logits; logits_to_keep: 0 = all positions, k = the last k, or a tensor of positions."""
+        (default: counted over real tokens, restarting at each packed document); labels (b, l): shifted inside,
+        -100 ignored, loss on the multiplied logits; logits_to_keep: 0 = all positions, k = the last k, or a
+        tensor of positions; seq_idx (b, l): document index of each token when several documents are packed in a
+        row (non-decreasing along the row): no attention, conv or SSM state crosses from one document to the
+        next. Label the first token of each document -100 too if the previous one must not predict it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -289,14 +312,18 @@ class FalconH1ForCausalLM(nn.Module):
                              f"{tuple((input_ids if input_ids is not None else inputs_embeds).shape)}")
         b, l = hidden.shape[:2]
         padding_mask = self._padding_mask(attention_mask, b, l)
+        if seq_idx is not None:
+            seq_idx = self._check_seq_idx(seq_idx, b, l, padding_mask)
         if position_ids is None:
-            if padding_mask is None:
+            if seq_idx is not None:
+                position_ids = positions_within_documents(seq_idx)
+            elif padding_mask is None:
                 position_ids = torch.arange(l, device=hidden.device).expand(b, l)
             else:
                 position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
         elif position_ids.shape[-1] != l:
             raise ValueError(f"position_ids has length {position_ids.shape[-1]}, the input has {l}")
-        hidden = self.model(hidden, position_ids.expand(b, l), padding_mask)
+        hidden = self.model(hidden, position_ids.expand(b, l), padding_mask, seq_idx)
 
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
@@ -319,6 +346,18 @@ class FalconH1ForCausalLM(nn.Module):
                              "(1 for tokens, 0 for padding)")
         mask = attention_mask.bool()
         return None if bool(mask.all()) else mask
+
+    @staticmethod
+    def _check_seq_idx(seq_idx: torch.Tensor, b: int, l: int, padding_mask) -> torch.Tensor:
+        if seq_idx.shape != (b, l) or seq_idx.is_floating_point():
+            raise ValueError(f"seq_idx must be an integer tensor of shape {(b, l)}, got {seq_idx.dtype} "
+                             f"{tuple(seq_idx.shape)}")
+        if padding_mask is not None:
+            raise ValueError("pass either attention_mask (padding) or seq_idx (packing), not both: a packed row "
+                             "needs no padding")
+        if l > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+            raise ValueError("seq_idx must be non-decreasing along each row (documents are contiguous)")
+        return seq_idx.to(torch.int32)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
