@@ -6,12 +6,17 @@ gated_rms_norm: y (..., d) the scan output, z (..., d) the gate, weight (d,), RM
     norm_before_gate=True:  norm(y) * silu(z)        False: norm(y * silu(z))
     weight=None (mamba_rms_norm off): y * silu(z), no normalisation.
 Returns `out_dtype` (default: z's dtype).
+On CUDA with fp32/bf16/fp16 inputs both run as fused Triton kernels (norm_triton.py); elsewhere the references.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import kernels_enabled
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the reference (exact checks)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -25,7 +30,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Dispatching entry (a fused kernel takes this call on CUDA once it exists)."""
+    """Dispatching entry: the fused Triton kernel on CUDA, the reference elsewhere."""
+    if kernels_enabled(x, weight) and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES:
+        from .norm_triton import rms_norm_triton
+        return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
 
@@ -49,6 +57,12 @@ def gated_rms_norm_ref(y, z, weight=None, *, eps: float = 1e-5, n_groups: int = 
 
 def gated_rms_norm(y, z, weight=None, *, eps: float = 1e-5, n_groups: int = 1, norm_before_gate: bool = False,
                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dispatching entry (the fused scan epilogue takes this on CUDA once it exists)."""
+    """Dispatching entry: the fused Triton kernel on CUDA, the reference elsewhere."""
+    out_dtype = out_dtype or z.dtype
+    if kernels_enabled(y, z, weight) and all(t.dtype in _KERNEL_DTYPES for t in (y, z, weight) if t is not None) \
+            and out_dtype in _KERNEL_DTYPES:
+        from .norm_triton import gated_rms_norm_triton
+        return gated_rms_norm_triton(y, z, weight, eps=eps, n_groups=n_groups, norm_before_gate=norm_before_gate,
+                                     out_dtype=out_dtype)
     return gated_rms_norm_ref(y, z, weight, eps=eps, n_groups=n_groups, norm_before_gate=norm_before_gate,
                               out_dtype=out_dtype)

@@ -1,0 +1,153 @@
+"""Benchmark: the causal conv1d and (gated) RMSNorm Triton kernels against their PyTorch references, one GPU.
+
+    python bench/conv_norm_kernels.py            # 0.5B (batch 4 x 2048) and 7B (batch 1 x 8192) shapes, bf16
+    python bench/conv_norm_kernels.py --sweep    # also a few conv launch shapes (to choose conv_triton defaults)
+
+Inputs are laid out as the model produces them: the conv's x and the gate z are channel slices of in_proj's output
+(row stride = in_proj width), the scan output y and the hidden states are contiguous. Every op with a weight is
+timed with it trainable ("weight_grad": true, full fine-tuning) and frozen (false: LoRA, the common case).
+Timing: triton.testing.do_bench median after warm-up. One JSON line per measurement:
+    {"op", "impl", "shape", "batch", "seqlen", "dtype", "pass", "ms", "gbps", "floor_ms", "share_of_floor", ...}
+floor = bytes that must cross HBM / 3.35e12 B/s (H100 SXM): conv fwd reads x and writes y, fwd+bwd also reads dy and
+writes dx; norms read each input and write each output once per pass (the backward re-reads the forward's inputs).
+gbps is those floor bytes over the measured time. Triton lines of the forward pass also carry max_rel_err against
+the reference on the same inputs. Runs in well under 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.testing
+
+from gyrfalcon import FalconH1Config
+from gyrfalcon.ops.conv import causal_conv1d_ref
+from gyrfalcon.ops.conv_triton import ConvLaunch, causal_conv1d_triton
+from gyrfalcon.ops.norm import gated_rms_norm_ref, rms_norm_ref
+from gyrfalcon.ops.norm_triton import gated_rms_norm_triton, rms_norm_triton
+
+HBM_BYTES_PER_S = 3.35e12
+SHAPES = [("0.5B", 4, 2048), ("7B", 1, 8192)]
+DTYPE = torch.bfloat16
+SWEEP = [ConvLaunch(256, 32, 8, 1), ConvLaunch(256, 64, 8, 1), ConvLaunch(256, 64, 8, 2), ConvLaunch(512, 64, 8, 2),
+         ConvLaunch(128, 64, 8, 1), ConvLaunch(256, 128, 16, 2)]
+
+
+def timed(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def emit(op, impl, shape, b, l, pas, ms, floor_bytes, **extra):
+    floor_ms = floor_bytes / HBM_BYTES_PER_S * 1e3
+    print(json.dumps({"op": op, "impl": impl, "shape": shape, "batch": b, "seqlen": l, "dtype": "bf16", "pass": pas,
+                      "ms": round(ms, 5), "gbps": round(floor_bytes / (ms * 1e-3) / 1e9, 1),
+                      "floor_ms": round(floor_ms, 5), "share_of_floor": round(floor_ms / ms, 3), **extra}), flush=True)
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def fwd_and_fwd_bwd(fn, inputs, cot):
+    """Two closures: the forward alone, and forward + gradients of every input that requires one."""
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(*inputs), wrt, cot)
+
+    return fwd, fwd_bwd
+
+
+def bench_pair(op, shape, b, l, impls, inputs, cot, floor_fwd, floor_fwd_bwd, **extra):
+    """Times every impl on the same inputs; the first impl is the reference the others' outputs are checked against."""
+    ref_out = None
+    for name, fn in impls:
+        fwd, fwd_bwd = fwd_and_fwd_bwd(fn, inputs, cot)
+        out = fwd()
+        check = {} if ref_out is None else {"max_rel_err": round(max_rel_err(out, ref_out), 6)}
+        ref_out = out if ref_out is None else ref_out
+        emit(op, name, shape, b, l, "fwd", timed(fwd), floor_fwd, **check, **extra)
+        emit(op, name, shape, b, l, "fwd+bwd", timed(fwd_bwd), floor_fwd_bwd, **extra)
+
+
+def conv_case(cfg, shape, b, l, sweep):
+    d = cfg.conv_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    zxbcdt = torch.randn(b, l, cfg.in_proj_size, device="cuda", dtype=DTYPE, generator=gen)
+    x = zxbcdt[..., cfg.d_ssm:cfg.d_ssm + d].detach().requires_grad_()          # strided, as in the model
+    cot = torch.randn(b, l, d, device="cuda", dtype=DTYPE, generator=gen)
+    n = b * l * d * DTYPE.itemsize
+    impls = [("torch-ref", causal_conv1d_ref), ("triton", causal_conv1d_triton)]
+    if sweep:
+        for launch in SWEEP:
+            impls.append((f"triton[bd={launch.block_d},cl={launch.chunk_l},u={launch.unroll},w={launch.num_warps}]",
+                          lambda *a, launch=launch: causal_conv1d_triton(*a, launch=launch)))
+    for weight_grad in (True, False):  # full fine-tuning; LoRA (conv weights frozen)
+        w = (torch.randn(d, cfg.mamba_d_conv, device="cuda", generator=gen) * 0.3).to(DTYPE)
+        bias = (torch.randn(d, device="cuda", generator=gen) * 0.1).to(DTYPE)
+        w.requires_grad_(weight_grad)
+        bias.requires_grad_(weight_grad)
+        bench_pair("causal_conv1d", shape, b, l, impls, [x, w, bias], cot, 2 * n, 4 * n, channels=d,
+                   weight_grad=weight_grad)
+
+
+def rms_case(cfg, shape, b, l):
+    h = cfg.hidden_size
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(b, l, h, device="cuda", dtype=DTYPE, generator=gen).requires_grad_()
+    cot = torch.randn(b, l, h, device="cuda", dtype=DTYPE, generator=gen)
+    n = b * l * h * DTYPE.itemsize
+    eps = cfg.rms_norm_eps
+    for weight_grad in (True, False):
+        w = (1 + 0.1 * torch.randn(h, device="cuda", generator=gen)).to(DTYPE).requires_grad_(weight_grad)
+        impls = [("torch-ref", lambda x, w: rms_norm_ref(x, w, eps)),
+                 ("triton", lambda x, w: rms_norm_triton(x, w, eps))]
+        bench_pair("rms_norm", shape, b, l, impls, [x, w], cot, 2 * n, 5 * n, channels=h, weight_grad=weight_grad)
+
+
+def gated_case(cfg, shape, b, l):
+    d = cfg.d_ssm
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    zxbcdt = torch.randn(b, l, cfg.in_proj_size, device="cuda", dtype=DTYPE, generator=gen)
+    z = zxbcdt[..., :d].detach().requires_grad_()                                 # strided, as in the model
+    y = torch.randn(b, l, d, device="cuda", dtype=DTYPE, generator=gen).requires_grad_()
+    cot = torch.randn(b, l, d, device="cuda", dtype=DTYPE, generator=gen)
+    n = b * l * d * DTYPE.itemsize
+    kw = dict(eps=cfg.rms_norm_eps, n_groups=cfg.mamba_n_groups, norm_before_gate=cfg.mamba_norm_before_gate,
+              out_dtype=DTYPE)
+    for weight_grad in ((True, False) if cfg.mamba_rms_norm else (None,)):
+        w = None
+        if weight_grad is not None:
+            w = (1 + 0.1 * torch.randn(d, device="cuda", generator=gen)).to(DTYPE).requires_grad_(weight_grad)
+        impls = [("torch-ref", lambda y, z, w: gated_rms_norm_ref(y, z, w, **kw)),
+                 ("triton", lambda y, z, w: gated_rms_norm_triton(y, z, w, **kw))]
+        extra = {"channels": d, "groups": cfg.mamba_n_groups, "weight": w is not None}
+        if weight_grad is not None:
+            extra["weight_grad"] = weight_grad
+        bench_pair("gated_rms_norm", shape, b, l, impls, [y, z, w], cot, 3 * n, 8 * n, **extra)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time a few conv launch shapes")
+    args = parser.parse_args()
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "triton": triton.__version__}), flush=True)
+    for shape, b, l in SHAPES:
+        cfg = FalconH1Config.from_preset(shape)
+        conv_case(cfg, shape, b, l, args.sweep)
+        rms_case(cfg, shape, b, l)
+        gated_case(cfg, shape, b, l)
+
+
+if __name__ == "__main__":
+    main()
