@@ -2,6 +2,7 @@
 
     gyrfalcon info MODEL        config summary, parameter counts by block, bf16 / 4-bit memory estimates
     gyrfalcon demo              the built-in tiny model end to end on this machine
+    gyrfalcon bench ACTION      run / table / report: benchmarks against transformers + PEFT (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import sys
 
 from . import __version__
+from .benchmark.cli import add_bench_parser
 from .checkpoint import CheckpointError
 from .config import ConfigError
 
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=4, help="sequences per batch (default: 4)")
     demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     demo.set_defaults(run=_demo)
+
+    add_bench_parser(commands)
     return parser
 
 
