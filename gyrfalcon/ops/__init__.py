@@ -9,11 +9,11 @@ from .dispatch import kernels_enabled, use_reference
 from .loss import causal_lm_loss, causal_lm_loss_ref
 from .norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
-from .ssd import ssd_scan, ssd_scan_ref, ssd_sequential_ref, ssd_step_ref
+from .ssd import ssd_scan, ssd_scan_ref, ssd_sequential_ref, ssd_step, ssd_step_ref
 
 __all__ = [
-    "attention", "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref", "kernels_enabled", "use_reference", "causal_lm_loss",
-    "causal_lm_loss_ref", "gated_rms_norm", "gated_rms_norm_ref", "rms_norm", "rms_norm_ref", "apply_rope",
-    "apply_rope_ref", "rope_cos_sin", "rope_inv_freq", "ssd_scan", "ssd_scan_ref", "ssd_sequential_ref",
-    "ssd_step_ref",
+    "attention", "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
+    "kernels_enabled", "use_reference", "causal_lm_loss", "causal_lm_loss_ref", "gated_rms_norm",
+    "gated_rms_norm_ref", "rms_norm", "rms_norm_ref", "apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq",
+    "ssd_scan", "ssd_scan_ref", "ssd_sequential_ref", "ssd_step", "ssd_step_ref",
 ]

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import kernels_enabled  # noqa: F401  (the Triton scan slots in through this check)
+from .dispatch import kernels_enabled
 
 INF_LIMIT = (0.0, math.inf)
 
@@ -125,7 +125,14 @@ def ssd_scan_ref(x, dt, A_log, B, C, D=None, dt_bias=None, *, chunk_size: int, d
 
 def ssd_scan(x, dt, A_log, B, C, D=None, dt_bias=None, *, chunk_size: int, dt_softplus: bool = True,
              dt_limit=INF_LIMIT, initial_state=None, seq_idx=None, return_final_state: bool = False):
-    """The chunked SSD scan (see module docstring). The Triton kernel takes this call on CUDA once it exists."""
+    """The chunked SSD scan (see module docstring): the Triton kernels (ssd_triton.py) for bf16/fp16/fp32 CUDA
+    tensors, the reference otherwise."""
+    if kernels_enabled(x, dt, B, C) and x.dtype != torch.float64:
+        from .ssd_triton import ssd_scan_triton
+
+        return ssd_scan_triton(x, dt, A_log, B, C, D, dt_bias, chunk_size=chunk_size, dt_softplus=dt_softplus,
+                               dt_limit=dt_limit, initial_state=initial_state, seq_idx=seq_idx,
+                               return_final_state=return_final_state)
     return ssd_scan_ref(x, dt, A_log, B, C, D, dt_bias, chunk_size=chunk_size, dt_softplus=dt_softplus,
                         dt_limit=dt_limit, initial_state=initial_state, seq_idx=seq_idx,
                         return_final_state=return_final_state)
@@ -149,6 +156,25 @@ def ssd_step_ref(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus
     if D is not None:
         y = y + D.to(cdt)[:, None] * xs
     return y, new_state
+
+
+def ssd_step(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus: bool = True, dt_limit=INF_LIMIT,
+             z=None, state_indices=None):
+    """One decode token for a batch. state (num_slots, h, p, n) fp32 is updated IN PLACE: row i uses slot
+    state_indices[i] (slot i when None); x (b, h, p); dt (b, h); B, C (b, g, n); z (b, h, p) optional gate.
+    Returns y (b, h, p) in x's dtype (times silu(z) when z is given). Triton kernel on CUDA, ssd_step_ref otherwise."""
+    if kernels_enabled(state, x) and state.dtype == torch.float32 and x.dtype != torch.float64:
+        from .ssd_triton import ssd_step_triton
+
+        return ssd_step_triton(state, x, dt, A_log, B, C, D, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                               z=z, state_indices=state_indices)
+    slots = state_indices if state_indices is not None else torch.arange(x.shape[0], device=state.device)
+    y, new_state = ssd_step_ref(state[slots], x, dt, A_log, B, C, D, dt_bias, dt_softplus=dt_softplus,
+                                dt_limit=dt_limit)
+    state[slots] = new_state.to(state.dtype)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(x.dtype)
 
 
 def ssd_sequential_ref(x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus: bool = True,
