@@ -10,7 +10,9 @@ Timing: triton.testing.do_bench median after warm-up. One JSON line per measurem
     {"op", "impl", "shape", "batch", "seqlen", "dtype", "pass", "ms", "gbps", "floor_ms", "share_of_floor", ...}
 floor = bytes that must cross HBM / 3.35e12 B/s (H100 SXM): conv fwd reads x and writes y, fwd+bwd also reads dy and
 writes dx; norms read each input and write each output once per pass (the backward re-reads the forward's inputs).
-gbps is those floor bytes over the measured time. Triton lines of the forward pass also carry max_rel_err against
+gbps is those floor bytes over the measured time. kernel_ms is the GPU time of the launched kernels alone
+(torch.profiler), and kernel_share_of_floor the floor over it: small ops timed one call at a time are bound by
+the host's launch overhead, which a model step hides behind other GPU work. Triton lines of the forward pass also carry max_rel_err against
 the reference on the same inputs. Runs in well under 2 minutes.
 """
 
@@ -40,6 +42,24 @@ def timed(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def kernel_ms(fn, iters: int = 20) -> float:
+    """GPU time of the kernels one call launches (torch.profiler), without the host's launch overhead: at these
+    sizes a lone call is bound by Python and launch latency, which a model step hides behind other GPU work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for evt in prof.key_averages():
+        if str(getattr(evt, "device_type", "")).endswith("CUDA"):
+            total_us += getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+    return total_us / iters / 1e3
 
 
 def emit(op, impl, shape, b, l, pas, ms, floor_bytes, **extra):
@@ -75,8 +95,11 @@ def bench_pair(op, shape, b, l, impls, inputs, cot, floor_fwd, floor_fwd_bwd, **
         out = fwd()
         check = {} if ref_out is None else {"max_rel_err": round(max_rel_err(out, ref_out), 6)}
         ref_out = out if ref_out is None else ref_out
-        emit(op, name, shape, b, l, "fwd", timed(fwd), floor_fwd, **check, **extra)
-        emit(op, name, shape, b, l, "fwd+bwd", timed(fwd_bwd), floor_fwd_bwd, **extra)
+        for pas, f, floor in (("fwd", fwd, floor_fwd), ("fwd+bwd", fwd_bwd, floor_fwd_bwd)):
+            gpu_ms = kernel_ms(f)
+            emit(op, name, shape, b, l, pas, timed(f), floor, kernel_ms=round(gpu_ms, 5),
+                 kernel_share_of_floor=round(floor / HBM_BYTES_PER_S * 1e3 / gpu_ms, 3),
+                 **(check if pas == "fwd" else {}), **extra)
 
 
 def conv_case(cfg, shape, b, l, sweep):

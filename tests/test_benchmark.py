@@ -240,6 +240,9 @@ def test_plots_are_written(tmp_path):
             records.append(rec(system, "decode", "0.5B", {"batch": batch, "prompt": 512, "new_tokens": 128},
                                "tokens_per_s", speed * batch * 10))
     records.append(rec("hf-torch", "train", "0.5B", {"batch": 1, "seqlen": 1024}, "tokens_per_s", None, "oom", "x"))
+    # a shape whose every run failed or was skipped has no plot (its failures stay in the tables)
+    records.append(rec("hf-torch", "decode", "7B", {"batch": 1, "prompt": 512, "new_tokens": 128}, "tokens_per_s",
+                       None, "skipped", "time limit"))
     written = make_plots(records, tmp_path / "plots")
     assert sorted(p.name for p in written) == ["decode_0.5B.png", "train_0.5B.png"]
     for path in written:
