@@ -30,7 +30,7 @@ FP32_PARAMETERS = ("A_log", "D", "dt_bias")
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
 
 
@@ -296,14 +296,16 @@ class FalconH1ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
-                seq_idx: torch.Tensor | None = None) -> CausalLMOutput:
+                seq_idx: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
         """input_ids (b, l) or inputs_embeds (b, l, hidden) (used as given: the embedding multiplier is not
         applied, as in transformers); attention_mask (b, l): 1 = token, 0 = left padding; position_ids (b, l)
         (default: counted over real tokens, restarting at each packed document); labels (b, l): shifted inside,
         -100 ignored, loss on the multiplied logits; logits_to_keep: 0 = all positions, k = the last k, or a
         tensor of positions; seq_idx (b, l): document index of each token when several documents are packed in a
         row (non-decreasing along the row): no attention, conv or SSM state crosses from one document to the
-        next. Label the first token of each document -100 too if the previous one must not predict it."""
+        next. Label the first token of each document -100 too if the previous one must not predict it.
+        return_logits=False (with labels; training): the loss is computed from the hidden states chunk by chunk
+        and the logits are never materialised (`.logits` is None)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -327,13 +329,17 @@ class FalconH1ForCausalLM(nn.Module):
 
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
+        if labels is not None and labels.shape != (b, l):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(b, l)}")
+        if not return_logits:
+            if labels is None:
+                raise ValueError("return_logits=False computes only the loss: pass labels")
+            loss = ops.linear_cross_entropy(hidden.reshape(b * l, -1), self.lm_head.weight,
+                                            ops.shift_labels(labels).reshape(-1), self.config.lm_head_multiplier)
+            return CausalLMOutput(logits=None, loss=loss)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep]) * self.config.lm_head_multiplier
-        loss = None
-        if labels is not None:
-            if labels.shape != (b, l):
-                raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(b, l)}")
-            loss = ops.causal_lm_loss(logits, labels)
+        loss = ops.causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
     @staticmethod

@@ -1,7 +1,10 @@
 """Causal language-modelling loss: token t's logits predict label t+1; -100 labels are ignored; mean over the rest.
 
-logits (b, l, v) (any float dtype; the loss is taken in fp32), labels (b, l). The fused linear + cross-entropy
-kernel (never materialising the logits) takes this job in training once it exists.
+causal_lm_loss: logits (b, l, v) (any float dtype; the loss is taken in fp32), labels (b, l).
+linear_cross_entropy: the same loss from the final hidden states, without ever holding all the logits: hidden
+(n, d), weight (v, d) the lm_head, targets (n,) already shifted; the logits `scale * hidden @ weight.T` are made
+chunk by chunk in fp32 in the forward and again in the backward. At a 130K-261K vocabulary the full logits of a
+long sequence would be the largest tensor of a training step (a 32K-token row of the 7B: 17 GB in fp32).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+CHUNK_TOKENS = 4096  # logits of this many tokens at a time: 2 GB in fp32 at a 130K vocabulary
 
 
 def causal_lm_loss_ref(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -21,3 +25,57 @@ def causal_lm_loss_ref(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     return causal_lm_loss_ref(logits, labels, ignore_index)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(b, l) labels -> (b, l) targets: position t is scored against label t+1 (the last against nothing)."""
+    return F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of scale * hidden @ weight.T against targets, in chunks of tokens; the backward recomputes
+    each chunk's logits and turns them into gradients at once, so no (n, v) tensor is ever stored."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, ignore_index, chunk):
+        cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        total = torch.zeros((), dtype=cdt, device=hidden.device)
+        count = (targets != ignore_index).sum()
+        for start in range(0, hidden.shape[0], chunk):
+            logits = (hidden[start:start + chunk] @ weight.T).to(cdt) * scale
+            total = total + F.cross_entropy(logits, targets[start:start + chunk], ignore_index=ignore_index,
+                                            reduction="sum")
+        ctx.save_for_backward(hidden, weight, targets, count)
+        ctx.scale, ctx.ignore_index, ctx.chunk = scale, ignore_index, chunk
+        return total / count  # NaN when every target is ignored, as the eager loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, count = ctx.saved_tensors
+        cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=cdt) if need_w else None
+        factor = grad_out.to(cdt) * ctx.scale / count
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[start:start + ctx.chunk]
+            t = targets[start:start + ctx.chunk]
+            logits = (h @ weight.T).to(cdt) * ctx.scale
+            # d(sum CE)/d logits = softmax - onehot, zero on ignored rows; the chain rule adds scale / count
+            g = torch.softmax(logits, dim=-1)
+            keep = t != ctx.ignore_index
+            g[keep, t[keep]] -= 1
+            g[~keep] = 0
+            g = (g * factor).to(hidden.dtype)
+            if need_h:
+                grad_h[start:start + ctx.chunk] = g @ weight
+            if need_w:
+                grad_w += (g.T @ h).to(cdt)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
+                         ignore_index: int = IGNORE_INDEX, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean CE of (scale * hidden @ weight.T) against targets (see the module docstring). hidden (n, d),
+    weight (v, d), targets (n,). The fused Triton kernel takes this call on CUDA once it exists."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, scale, ignore_index, chunk)

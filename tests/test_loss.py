@@ -1,0 +1,38 @@
+"""The chunked linear + cross-entropy loss equals the loss of the full logits (value and gradients, float64), also
+when chunks split the tokens unevenly and targets are ignored; the model's return_logits=False path uses it."""
+
+from __future__ import annotations
+
+import torch
+
+from gyrfalcon import FalconH1ForCausalLM
+from gyrfalcon.ops import causal_lm_loss_ref, linear_cross_entropy
+from helpers import randomize_, rel_err, tiny_config
+
+
+def test_chunked_loss_equals_full_logits_loss():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 37, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 37), generator=gen)
+    labels[0, :5] = -100
+    full = causal_lm_loss_ref((hidden @ weight.T) * 0.7, labels)
+    g_full = torch.autograd.grad(full, [hidden, weight])
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    chunked = linear_cross_entropy(hidden.reshape(-1, 16), weight, targets, 0.7, chunk=10)
+    g_chunked = torch.autograd.grad(chunked, [hidden, weight])
+    assert abs(full.item() - chunked.item()) <= 1e-12
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(g_chunked, g_full))
+
+
+def test_model_loss_without_logits_matches():
+    model = randomize_(FalconH1ForCausalLM.from_config(tiny_config(), dtype=torch.float64, device="cpu"), seed=1)
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
+    full = model(ids, labels=ids)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    lean = model(ids, labels=ids, return_logits=False)
+    lean.loss.backward()
+    assert lean.logits is None and abs(lean.loss.item() - full.loss.item()) <= 1e-12
+    assert all(rel_err(p.grad, grads[n]) <= 1e-10 for n, p in model.named_parameters())
