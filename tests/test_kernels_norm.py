@@ -131,6 +131,27 @@ def test_gated_norm_fp32_matches_float64(weight, groups, before):
     compare(gated(gated_rms_norm_triton, groups, before), gated(gated_rms_norm_ref, groups, before), [y, z, w], cot)
 
 
+@pytest.mark.parametrize("weight, before", [(True, False), (True, True), (False, False)])
+def test_gated_norm_z_scale(weight, before):
+    """z_scale multiplies z as it is read: the same as scaling z first, forward and every gradient (dz included)."""
+    gen = torch.Generator().manual_seed(9)
+    y, z = rand(2, 5, 24, gen=gen), rand(2, 5, 24, gen=gen)
+    w = rand(24, gen=gen, shift=1.0) if weight else None
+    cot = torch.randn(2, 5, 24, generator=gen).to(DEV, F64)
+
+    def scaled(fn):
+        def call(y, z, w):
+            return fn(y, z, w, eps=EPS, n_groups=2 if weight else 1, norm_before_gate=before, z_scale=0.35,
+                      out_dtype=F64 if y.dtype == F64 else None)
+        return call
+
+    def by_definition(y, z, w):
+        return gated_rms_norm_ref(y, z * 0.35, w, eps=EPS, n_groups=2 if weight else 1, norm_before_gate=before)
+
+    compare(scaled(gated_rms_norm_triton), by_definition, [y, z, w], cot)
+    compare(scaled(gated_rms_norm_ref), by_definition, [y, z, w], cot)
+
+
 def test_gated_gate_only_odd_width():
     gen = torch.Generator().manual_seed(5)
     y, z = rand(2, 5, 37, gen=gen), rand(2, 5, 37, gen=gen)

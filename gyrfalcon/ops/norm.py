@@ -5,6 +5,7 @@ rms_norm: x (..., d), weight (d,) -> weight * (x / rms(x)) with the statistics i
 gated_rms_norm: y (..., d) the scan output, z (..., d) the gate, weight (d,), RMS over each of `n_groups` groups:
     norm_before_gate=True:  norm(y) * silu(z)        False: norm(y * silu(z))
     weight=None (mamba_rms_norm off): y * silu(z), no normalisation.
+z_scale multiplies z as it is read (the mixer's µP factor of the z block, at no extra pass over memory).
 Returns `out_dtype` (default: z's dtype).
 On CUDA with fp32/bf16/fp16 inputs both run as fused Triton kernels (norm_triton.py); elsewhere the references.
 """
@@ -38,10 +39,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def gated_rms_norm_ref(y, z, weight=None, *, eps: float = 1e-5, n_groups: int = 1, norm_before_gate: bool = False,
-                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       out_dtype: torch.dtype | None = None, z_scale: float = 1.0) -> torch.Tensor:
     out_dtype = out_dtype or z.dtype
     sdt = torch.promote_types(_stat_dtype(y), _stat_dtype(z))
-    yf, gate = y.to(sdt), F.silu(z.to(sdt))
+    yf, gate = y.to(sdt), F.silu(z.to(sdt) * z_scale)
     if weight is None:
         return (yf * gate).to(out_dtype)
     if not norm_before_gate:
@@ -56,13 +57,13 @@ def gated_rms_norm_ref(y, z, weight=None, *, eps: float = 1e-5, n_groups: int = 
 
 
 def gated_rms_norm(y, z, weight=None, *, eps: float = 1e-5, n_groups: int = 1, norm_before_gate: bool = False,
-                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None, z_scale: float = 1.0) -> torch.Tensor:
     """Dispatching entry: the fused Triton kernel on CUDA, the reference elsewhere."""
     out_dtype = out_dtype or z.dtype
     if kernels_enabled(y, z, weight) and all(t.dtype in _KERNEL_DTYPES for t in (y, z, weight) if t is not None) \
             and out_dtype in _KERNEL_DTYPES:
         from .norm_triton import gated_rms_norm_triton
         return gated_rms_norm_triton(y, z, weight, eps=eps, n_groups=n_groups, norm_before_gate=norm_before_gate,
-                                     out_dtype=out_dtype)
+                                     out_dtype=out_dtype, z_scale=z_scale)
     return gated_rms_norm_ref(y, z, weight, eps=eps, n_groups=n_groups, norm_before_gate=norm_before_gate,
-                              out_dtype=out_dtype)
+                              out_dtype=out_dtype, z_scale=z_scale)

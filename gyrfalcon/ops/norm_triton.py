@@ -73,14 +73,14 @@ def _rms_bwd_kernel(x_ptr, w_ptr, dout_ptr, dx_ptr, dw_ptr, N, D, stride_x, stri
 
 
 @triton.jit
-def _gated_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, D, G, stride_y, stride_z, stride_o, eps, ALIGN: tl.constexpr,
-                      NORM: tl.constexpr, BEFORE: tl.constexpr, BLOCK_G: tl.constexpr):
+def _gated_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, D, G, stride_y, stride_z, stride_o, eps, z_scale,
+                      ALIGN: tl.constexpr, NORM: tl.constexpr, BEFORE: tl.constexpr, BLOCK_G: tl.constexpr):
     """One program per (row, group of G channels); without NORM a "group" is just a block of channels."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * G + tl.arange(0, BLOCK_G)
     mask = (tl.arange(0, BLOCK_G) < G) & (offs < D)
     y = tl.load(y_ptr + _row_offset(row, stride_y, ALIGN) + offs, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + _row_offset(row, stride_z, ALIGN) + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + _row_offset(row, stride_z, ALIGN) + offs, mask=mask, other=0.0).to(tl.float32) * z_scale
     gate = z * tl.sigmoid(z)
     if NORM:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -96,7 +96,7 @@ def _gated_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, D, G, stride_y, stride_z, st
 
 @triton.jit
 def _gated_bwd_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, N, D, G,
-                      stride_y, stride_z, stride_do, stride_dy, stride_dz, eps, ALIGN: tl.constexpr,
+                      stride_y, stride_z, stride_do, stride_dy, stride_dz, eps, z_scale, ALIGN: tl.constexpr,
                       NORM: tl.constexpr, BEFORE: tl.constexpr, WANT_DW: tl.constexpr, BLOCK_G: tl.constexpr):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -108,7 +108,7 @@ def _gated_bwd_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, N, 
     row = pid.to(tl.int64)
     while row < N:  # rows pid, pid + P, ... (a while loop: its bound is a runtime value)
         y = tl.load(y_ptr + _row_offset(row, stride_y, ALIGN) + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + _row_offset(row, stride_z, ALIGN) + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + _row_offset(row, stride_z, ALIGN) + offs, mask=mask, other=0.0).to(tl.float32) * z_scale
         dout = tl.load(dout_ptr + _row_offset(row, stride_do, ALIGN) + offs, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(z)
         gate = z * sig
@@ -137,6 +137,7 @@ def _gated_bwd_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, N, 
         else:
             dy = dout * gate
             dz = dout * y * dgate
+        dz = dz * z_scale                                              # the gate reads z * z_scale
         tl.store(dy_ptr + _row_offset(row, stride_dy, ALIGN) + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
         tl.store(dz_ptr + _row_offset(row, stride_dz, ALIGN) + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         row += n_prog
@@ -207,7 +208,7 @@ class _RMSNormFn(torch.autograd.Function):
 
 class _GatedRMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, z, weight, eps, n_groups, before, out_dtype):
+    def forward(ctx, y, z, weight, eps, n_groups, before, out_dtype, z_scale):
         d = y.shape[-1]
         y2, z2 = _rows(y, d), _rows(z, d)
         out = torch.empty(y2.shape, dtype=out_dtype, device=y.device)
@@ -216,10 +217,10 @@ class _GatedRMSNormFn(torch.autograd.Function):
         if y2.shape[0]:
             _gated_fwd_kernel[(y2.shape[0], grid_g)](
                 y2, z2, weight if weight is not None else y2, out, d, group, y2.stride(0), z2.stride(0),
-                out.stride(0), eps, ALIGN=_align(y2, z2, out), NORM=weight is not None, BEFORE=before, BLOCK_G=block,
-                num_warps=_num_warps(block))
+                out.stride(0), eps, z_scale, ALIGN=_align(y2, z2, out), NORM=weight is not None, BEFORE=before,
+                BLOCK_G=block, num_warps=_num_warps(block))
         ctx.save_for_backward(y2, z2, weight)
-        ctx.eps, ctx.n_groups, ctx.before, ctx.shape = eps, n_groups, before, y.shape
+        ctx.eps, ctx.n_groups, ctx.before, ctx.shape, ctx.z_scale = eps, n_groups, before, y.shape, z_scale
         return out.view(y.shape)
 
     @staticmethod
@@ -237,13 +238,13 @@ class _GatedRMSNormFn(torch.autograd.Function):
         if n:
             _gated_bwd_kernel[(programs, grid_g)](
                 y2, z2, weight if weight is not None else y2, dout2, dy, dz, dw_part, n, d, group,
-                y2.stride(0), z2.stride(0), dout2.stride(0), dy.stride(0), dz.stride(0), ctx.eps,
+                y2.stride(0), z2.stride(0), dout2.stride(0), dy.stride(0), dz.stride(0), ctx.eps, ctx.z_scale,
                 ALIGN=_align(y2, z2, dout2, dy, dz), NORM=weight is not None, BEFORE=ctx.before, WANT_DW=want_dw,
                 BLOCK_G=block, num_warps=_num_warps(block))
         dw = None
         if want_dw:
             dw = dw_part.sum(0).to(weight.dtype) if n else torch.zeros_like(weight)
-        return dy.view(ctx.shape), dz.view(ctx.shape), dw, None, None, None, None
+        return dy.view(ctx.shape), dz.view(ctx.shape), dw, None, None, None, None, None
 
 
 def _grouping(d: int, n_groups: int, norm: bool) -> tuple[int, int]:
@@ -262,7 +263,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def gated_rms_norm_triton(y, z, weight=None, *, eps: float = 1e-5, n_groups: int = 1, norm_before_gate: bool = False,
-                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                          out_dtype: torch.dtype | None = None, z_scale: float = 1.0) -> torch.Tensor:
     """Same contract as `gated_rms_norm_ref`."""
     if y.shape != z.shape:
         raise ValueError(f"gated_rms_norm: y {tuple(y.shape)} and z {tuple(z.shape)} differ")
@@ -271,4 +272,4 @@ def gated_rms_norm_triton(y, z, weight=None, *, eps: float = 1e-5, n_groups: int
         raise ValueError(f"gated_rms_norm: {n_groups} groups must divide {d} channels and weight must be ({d},), "
                          f"got {tuple(weight.shape)}")
     weight = weight.contiguous() if weight is not None else None
-    return _GatedRMSNormFn.apply(y, z, weight, eps, n_groups, norm_before_gate, out_dtype or z.dtype)
+    return _GatedRMSNormFn.apply(y, z, weight, eps, n_groups, norm_before_gate, out_dtype or z.dtype, float(z_scale))
