@@ -2,6 +2,8 @@
 
     gyrfalcon info MODEL        config summary, parameter counts by block, bf16 / 4-bit memory estimates
     gyrfalcon demo              the built-in tiny model end to end on this machine
+    gyrfalcon generate          complete prompts (one, or a JSONL file of them); the tiny model without --model
+    gyrfalcon chat              interactive chat with the model's chat template, streaming
     gyrfalcon bench ACTION      run / table / report: benchmarks against transformers + PEFT (docs/benchmarks.md)
 """
 
@@ -13,6 +15,7 @@ import sys
 
 from . import __version__
 from .benchmark.cli import add_bench_parser
+from .generate_cli import add_generate_parsers
 from .checkpoint import CheckpointError
 from .config import ConfigError
 
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     demo.set_defaults(run=_demo)
 
+    add_generate_parsers(commands)
     add_bench_parser(commands)
     return parser
 

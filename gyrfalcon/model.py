@@ -10,11 +10,16 @@ Parameter names are the checkpoints' own (`model.layers.N.mamba.in_proj.weight`,
 checkpoints load with no conversion (see checkpoint.py). transformers' FalconH1ForCausalLM is the numerical oracle.
 
 Shapes: input_ids (b, l); attention_mask (b, l) with 1 for tokens and 0 for (left) padding; logits (b, l, vocab).
+
+Decoding: `forward(..., cache=HybridCache)` appends the tokens to a cache (a prefill, in one piece or several) and
+`decode_step(ids (b,), cache, kv_len)` runs one token per row without reading anything back (CUDA-graph safe); see
+cache.py. Without a cache, nothing of that path runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import FalconH1Config
+
+if TYPE_CHECKING:
+    from .cache import HybridCache, LayerCache
 
 # Tiny per-head parameters kept in fp32 whatever the model dtype: they set the SSM's decay and step size.
 FP32_PARAMETERS = ("A_log", "D", "dt_bias")
@@ -65,14 +73,18 @@ class Attention(nn.Module):
         self.key_multiplier = config.key_multiplier
         self.dropout = config.attention_dropout
 
-    def forward(self, x, cos, sin, padding_mask=None, seq_idx=None):
+    def forward(self, x, cos, sin, padding_mask=None, seq_idx=None, cache: LayerCache | None = None):
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2) * self.key_multiplier
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin)
-        o = ops.attention(q, k, v, scale=self.head_dim ** -0.5, key_padding_mask=padding_mask, doc_ids=seq_idx,
-                          dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:
+            # The cache stores the new keys (rotated, multiplied) and values, then attends over all cached ones.
+            o = cache.attend(q, k, v, scale=self.head_dim ** -0.5)
+        else:
+            o = ops.attention(q, k, v, scale=self.head_dim ** -0.5, key_padding_mask=padding_mask, doc_ids=seq_idx,
+                              dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
 
 
@@ -96,7 +108,9 @@ class MambaMixer(nn.Module):
         self.ssm_in_multiplier = config.ssm_in_multiplier
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                seq_idx: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        """With a cache: a prefill continues from and updates its conv / SSM states; a decode step (one token per
+        row) runs the recurrent updates in place."""
         b, l, _ = x.shape
         cfg = self.config
         s_z, s_x, s_b, s_c, s_dt = cfg.ssm_multipliers
@@ -112,26 +126,77 @@ class MambaMixer(nn.Module):
         if padding_mask is not None:
             # Zero padding before the conv too: with in_proj bias, padding would otherwise leak into real tokens.
             xbc = xbc * padding_mask[..., None].to(xbc.dtype)
-        # The conv is depthwise, so scaling a channel's input equals scaling its weights: the x, B and C factors
-        # go into the (tiny) weight instead of a pass over the activations. Kept in fp32: a bf16 rounding of the
-        # scaled weight would be the same error at every token, a bias that does not average out.
         gs = self.n_groups * self.d_state
-        channel_scale = torch.cat([torch.full((self.d_ssm,), s_x, device=x.device), torch.full((gs,), s_b, device=x.device),
-                                   torch.full((gs,), s_c, device=x.device)])
-        weight = self.conv1d.weight[:, 0, :].to(torch.promote_types(self.conv1d.weight.dtype, torch.float32)) * channel_scale[:, None]
-        xbc = ops.causal_conv1d(xbc, weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
+        if cache is not None and cache.decoding:
+            # the cache holds the scaled weight when its owner computed it once per call (see scaled_conv_weight)
+            weight = cache.conv_weight if cache.conv_weight is not None else self.scaled_conv_weight(s_x, s_b, s_c)
+            y = self._decode(xbc, dt * s_dt, weight, cache)
+        elif cache is not None:
+            y = self._prefill(xbc, dt * s_dt, self.scaled_conv_weight(s_x, s_b, s_c), padding_mask, cache)
+        else:
+            weight = self.scaled_conv_weight(s_x, s_b, s_c)
+            xbc = ops.causal_conv1d(xbc, weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
+            if padding_mask is not None:
+                xbc = xbc * padding_mask[..., None].to(xbc.dtype)
+            xs, B, C = xbc.split([self.d_ssm, gs, gs], dim=-1)
+            y = ops.ssd_scan(xs.view(b, l, self.n_heads, self.head_dim), dt * s_dt, self.A_log,
+                             B.view(b, l, self.n_groups, self.d_state), C.view(b, l, self.n_groups, self.d_state),
+                             self.D, self.dt_bias, chunk_size=cfg.mamba_chunk_size, dt_limit=cfg.time_step_limit,
+                             seq_idx=seq_idx)
+        y = ops.gated_rms_norm(y.reshape(b, l, self.d_ssm), z, self.norm.weight if cfg.mamba_rms_norm else None,
+                               eps=cfg.rms_norm_eps, n_groups=self.n_groups,
+                               norm_before_gate=cfg.mamba_norm_before_gate, out_dtype=x.dtype, z_scale=s_z)
+        return self.out_proj(y)
+
+    def block_factors(self) -> list[float]:
+        """The µP factors of in_proj's z, x, B, C and dt blocks as forward applies them: with no in_proj bias, the
+        ssm_in factor joins them (in_proj is linear), else it scales in_proj's input."""
+        if self.in_proj.bias is None:
+            return [m * self.ssm_in_multiplier for m in self.config.ssm_multipliers]
+        return list(self.config.ssm_multipliers)
+
+    def scaled_conv_weight(self, s_x: float, s_b: float, s_c: float) -> torch.Tensor:
+        """(conv_dim, k) conv weight with the x, B, C factors folded in. The conv is depthwise, so scaling a channel's
+        input equals scaling its weights: the factors go into the (tiny) weight instead of a pass over the
+        activations. Kept in fp32: a bf16 rounding of the scaled weight would be the same error at every token, a
+        bias that does not average out."""
+        gs, device = self.n_groups * self.d_state, self.conv1d.weight.device
+        channel_scale = torch.cat([torch.full((self.d_ssm,), s_x, device=device),
+                                   torch.full((gs,), s_b, device=device), torch.full((gs,), s_c, device=device)])
+        weight = self.conv1d.weight[:, 0, :].to(torch.promote_types(self.conv1d.weight.dtype, torch.float32))
+        return weight * channel_scale[:, None]
+
+    def _prefill(self, xbc, dt, weight, padding_mask, cache: LayerCache):
+        """Chunked conv + scan continuing from the cached states, which then hold the states after the last token.
+        xbc (b, l, conv_dim) unscaled in_proj outputs (padding zeroed); dt (b, l, h) scaled. Returns y (b, l, h, p).
+        Padding precedes a row's first token, so it meets zero states and leaves them zero."""
+        b, l, _ = xbc.shape
+        gs = self.n_groups * self.d_state
+        xbc, conv_state = ops.causal_conv1d(xbc, weight, self.conv1d.bias, activation="silu",
+                                            initial_state=cache.conv_state, return_final_state=True)
+        cache.conv_state.copy_(conv_state)
         if padding_mask is not None:
             xbc = xbc * padding_mask[..., None].to(xbc.dtype)
         xs, B, C = xbc.split([self.d_ssm, gs, gs], dim=-1)
-        y = ops.ssd_scan(xs.view(b, l, self.n_heads, self.head_dim), dt * s_dt, self.A_log,
-                         B.view(b, l, self.n_groups, self.d_state), C.view(b, l, self.n_groups, self.d_state),
-                         self.D, self.dt_bias, chunk_size=cfg.mamba_chunk_size, dt_limit=cfg.time_step_limit,
-                         seq_idx=seq_idx)
-        y = ops.gated_rms_norm(y.reshape(b, l, self.d_ssm), z * s_z,
-                               self.norm.weight if cfg.mamba_rms_norm else None,
-                               eps=cfg.rms_norm_eps, n_groups=self.n_groups,
-                               norm_before_gate=cfg.mamba_norm_before_gate, out_dtype=x.dtype)
-        return self.out_proj(y)
+        y, ssm_state = ops.ssd_scan(xs.view(b, l, self.n_heads, self.head_dim), dt, self.A_log,
+                                    B.view(b, l, self.n_groups, self.d_state),
+                                    C.view(b, l, self.n_groups, self.d_state), self.D, self.dt_bias,
+                                    chunk_size=self.config.mamba_chunk_size, dt_limit=self.config.time_step_limit,
+                                    initial_state=cache.ssm_state, return_final_state=True)
+        cache.ssm_state.copy_(ssm_state)
+        return y
+
+    def _decode(self, xbc, dt, weight, cache: LayerCache):
+        """One token per row: conv window shift and SSD recurrence, both in place in the cache.
+        xbc (b, 1, conv_dim) unscaled; dt (b, 1, h) scaled. Returns y (b, 1, h, p)."""
+        b = xbc.shape[0]
+        gs = self.n_groups * self.d_state
+        xbc = ops.causal_conv1d_update(xbc[:, 0], cache.conv_state, weight, self.conv1d.bias, activation="silu")
+        xs, B, C = xbc.split([self.d_ssm, gs, gs], dim=-1)
+        y = ops.ssd_step(cache.ssm_state, xs.reshape(b, self.n_heads, self.head_dim), dt[:, 0], self.A_log,
+                         B.reshape(b, self.n_groups, self.d_state), C.reshape(b, self.n_groups, self.d_state),
+                         self.D, self.dt_bias, dt_limit=self.config.time_step_limit)
+        return y[:, None]
 
 
 class MLP(nn.Module):
@@ -158,10 +223,10 @@ class DecoderLayer(nn.Module):
         self.attention_out_multiplier = config.attention_out_multiplier
         self.ssm_out_multiplier = config.ssm_out_multiplier
 
-    def forward(self, x, cos, sin, padding_mask=None, seq_idx=None):
+    def forward(self, x, cos, sin, padding_mask=None, seq_idx=None, cache: LayerCache | None = None):
         h = self.input_layernorm(x)
-        mamba_out = self.mamba(h, padding_mask, seq_idx) * self.ssm_out_multiplier
-        attn_out = self.self_attn(h * self.attention_in_multiplier, cos, sin, padding_mask, seq_idx)
+        mamba_out = self.mamba(h, padding_mask, seq_idx, cache) * self.ssm_out_multiplier
+        attn_out = self.self_attn(h * self.attention_in_multiplier, cos, sin, padding_mask, seq_idx, cache)
         x = x + (mamba_out + attn_out * self.attention_out_multiplier)
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
@@ -196,6 +261,16 @@ class FalconH1Model(nn.Module):
                 hidden = checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx, use_reentrant=False)
             else:
                 hidden = layer(hidden, cos, sin, padding_mask, seq_idx)
+        return self.final_layernorm(hidden)
+
+    def forward_cached(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None, step) -> torch.Tensor:
+        """The layers over a CacheStep (cache.py): positions and RoPE frequencies come from the cache."""
+        cache = step.cache
+        cos, sin = ops.rope_cos_sin(step.positions, cache.rope_inv_freq(step.positions), cache.rope_scaling,
+                                    hidden.dtype)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, cos, sin, padding_mask, None, step.layer(i))
+        step.finish()
         return self.final_layernorm(hidden)
 
 
@@ -296,7 +371,8 @@ class FalconH1ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
-                seq_idx: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
+                seq_idx: torch.Tensor | None = None, return_logits: bool = True,
+                cache: HybridCache | None = None) -> CausalLMOutput:
         """input_ids (b, l) or inputs_embeds (b, l, hidden) (used as given: the embedding multiplier is not
         applied, as in transformers); attention_mask (b, l): 1 = token, 0 = left padding; position_ids (b, l)
         (default: counted over real tokens, restarting at each packed document); labels (b, l): shifted inside,
@@ -305,7 +381,10 @@ class FalconH1ForCausalLM(nn.Module):
         row (non-decreasing along the row): no attention, conv or SSM state crosses from one document to the
         next. Label the first token of each document -100 too if the previous one must not predict it.
         return_logits=False (with labels; training): the loss is computed from the hidden states chunk by chunk
-        and the logits are never materialised (`.logits` is None)."""
+        and the logits are never materialised (`.logits` is None).
+        cache (a HybridCache, inference only): append these tokens to the cache, continuing from what it holds
+        (a prefill, whole or in pieces); attention_mask then covers the new tokens only, and its 0s (left padding)
+        may only precede a row's first token; positions are counted by the cache."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -313,6 +392,9 @@ class FalconH1ForCausalLM(nn.Module):
             raise ValueError(f"expected input_ids (batch, seq) or inputs_embeds (batch, seq, hidden); got "
                              f"{tuple((input_ids if input_ids is not None else inputs_embeds).shape)}")
         b, l = hidden.shape[:2]
+        if cache is not None:
+            return self._forward_cached(hidden, attention_mask, cache, position_ids, labels, seq_idx, return_logits,
+                                        logits_to_keep)
         padding_mask = self._padding_mask(attention_mask, b, l)
         if seq_idx is not None:
             seq_idx = self._check_seq_idx(seq_idx, b, l, padding_mask)
@@ -341,6 +423,30 @@ class FalconH1ForCausalLM(nn.Module):
         logits = self.lm_head(hidden[:, keep]) * self.config.lm_head_multiplier
         loss = ops.causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def _forward_cached(self, hidden, attention_mask, cache, position_ids, labels, seq_idx, return_logits,
+                        logits_to_keep) -> CausalLMOutput:
+        b, l = hidden.shape[:2]
+        if labels is not None or seq_idx is not None or position_ids is not None or not return_logits:
+            raise ValueError("with a cache, pass only input_ids / inputs_embeds, attention_mask and logits_to_keep "
+                             "(positions come from the cache; labels, seq_idx and return_logits=False are for "
+                             "training)")
+        if b != cache.batch:
+            raise ValueError(f"the cache has {cache.batch} rows, the input {b}")
+        padding_mask = self._padding_mask(attention_mask, b, l)
+        step = cache.prefill_step(l, padding_mask)
+        hidden = self.model.forward_cached(hidden, padding_mask, step)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return CausalLMOutput(logits=self.lm_head(hidden[:, keep]) * self.config.lm_head_multiplier)
+
+    def decode_step(self, input_ids: torch.Tensor, cache: HybridCache, kv_len: int) -> torch.Tensor:
+        """One token per row: input_ids (b,) -> logits (b, vocab), appended to `cache` (its device lengths grow by
+        one; the caller records it on the host with `cache.advance_host`). kv_len: key columns the attention reads,
+        at least every row's length + 1 (gyrfalcon.cache.kv_bucket: the CUDA-graph buckets). Reads nothing back to the
+        host and changes no host state, so it can be captured in a CUDA graph (rope types other than dynamic)."""
+        hidden = self.model.embed(input_ids[:, None])
+        hidden = self.model.forward_cached(hidden, None, cache.decode_step(kv_len))
+        return self.lm_head(hidden[:, 0]) * self.config.lm_head_multiplier
 
     @staticmethod
     def _padding_mask(attention_mask: torch.Tensor | None, b: int, l: int) -> torch.Tensor | None:

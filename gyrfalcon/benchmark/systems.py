@@ -99,7 +99,9 @@ class GyrfalconSystem:
         return the (b, prompt + new) token ids (or an object with `.sequences`); the decode suite checks that all
         `new_tokens` were produced (random weights rarely hit EOS; a run that stops early is reported failed)."""
         fn = self._resolve_generate()
-        out = fn(model, ids, max_new_tokens=new_tokens)
+        # random weights may hit EOS early: every system generates exactly new_tokens (transformers gets
+        # min_new_tokens too)
+        out = fn(model, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         return out if torch.is_tensor(out) else out.sequences
 
     # -- ops for the kernels suite: (a closure to time, extra leaf tensors it made). Inputs as in suites.ssd_inputs.
