@@ -1,12 +1,12 @@
 """The built-in tiny model's assets, shipped with the package: its tokenizer (with a chat template) and a small
-synthetic chat dataset (gyrfalcon/data/tiny, made by scripts/make_tiny_assets.py). They let `gyrfalcon demo`,
+synthetic chat dataset (gyrfalcon/resources/tiny, made by scripts/make_tiny_assets.py). They let `gyrfalcon demo`,
 `finetune`, `generate` and `chat` run end to end with no download."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-TINY_DIR = Path(__file__).resolve().parent / "data" / "tiny"
+TINY_DIR = Path(__file__).resolve().parent / "resources" / "tiny"
 TINY_CHAT_DATA = TINY_DIR / "chat.jsonl"
 
 

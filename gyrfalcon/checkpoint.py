@@ -9,6 +9,7 @@ leaves half a checkpoint, and it never replaces an existing folder unless asked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -211,14 +212,29 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * base ** power)
 
 
-def save_model(model, directory, *, max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
-    """Write `model` as a Hugging Face checkpoint folder (atomic; refuses an existing folder unless overwrite)."""
+@contextlib.contextmanager
+def atomic_folder(directory, *, overwrite: bool = False, error: type[Exception] = CheckpointError):
+    """Yield a temporary folder beside `directory`; when the block succeeds, rename it to `directory` (replacing an
+    existing one only if `overwrite`). A crash or Ctrl-C inside the block leaves `directory` as it was and no
+    temporary folder behind. `error` is the exception raised for a refused destination."""
     directory = Path(directory).expanduser()
     if directory.exists() and not overwrite:
-        raise CheckpointError(f"{directory} already exists; choose a new folder, or pass overwrite=True "
-                              "(CLI: --overwrite) to replace it")
+        raise error(f"{directory} already exists; choose a new folder, or pass overwrite=True "
+                    "(CLI: --overwrite) to replace it")
     if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory} is a file, not a folder; choose another path")
+        raise error(f"{directory} is a file, not a folder; choose another path")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        yield tmp
+        _move_into_place(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(model, directory, *, max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
+    """Write `model` as a Hugging Face checkpoint folder (atomic; refuses an existing folder unless overwrite)."""
     limit = parse_size(max_shard_size)
     tied = model.config.tie_word_embeddings
     tensors = {name: t for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
@@ -232,9 +248,7 @@ def save_model(model, directory, *, max_shard_size: int | str = "5GB", overwrite
         shards[-1][name] = t
         size += nbytes
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    try:
+    with atomic_folder(directory, overwrite=overwrite) as tmp:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             fname = SAFE_SINGLE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -246,10 +260,6 @@ def save_model(model, directory, *, max_shard_size: int | str = "5GB", overwrite
             (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                       "weight_map": weight_map}, indent=2) + "\n")
         _write_config(model, tmp / "config.json")
-        _move_into_place(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_config(model, path: Path) -> None:

@@ -1,7 +1,9 @@
 """The `gyrfalcon` command line: `gyrfalcon <command> --help` documents each command.
 
     gyrfalcon info MODEL        config summary, parameter counts by block, bf16 / 4-bit memory estimates
-    gyrfalcon demo              the built-in tiny model end to end on this machine
+    gyrfalcon demo              the built-in tiny model end to end on this machine, then a one-minute fine-tune
+    gyrfalcon finetune          fine-tune (LoRA, QLoRA, full); no model: the tiny model learns its bundled chat data
+    gyrfalcon merge             fold a LoRA adapter into its base model and save a Hugging Face checkpoint
     gyrfalcon generate          complete prompts (one, or a JSONL file of them); the tiny model without --model
     gyrfalcon chat              interactive chat with the model's chat template, streaming
     gyrfalcon bench ACTION      run / table / report: benchmarks against transformers + PEFT (docs/benchmarks.md)
@@ -15,6 +17,7 @@ import sys
 
 from . import __version__
 from .benchmark.cli import add_bench_parser
+from .finetune_cli import add_finetune_parsers
 from .generate_cli import add_generate_parsers
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -58,7 +61,11 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(seed=args.seed, batch=args.batch, seq_len=args.seq_len)
-    return 0
+    if not args.finetune:
+        return 0
+    from .finetune_cli import tiny_finetune
+
+    return tiny_finetune(seed=args.seed, output=args.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,12 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", help="run the built-in tiny model end to end (no download, CPU is fine)",
-        description="Build the built-in tiny Falcon-H1 (random weights), check it, and run it on this machine.")
+        description="Build the built-in tiny Falcon-H1 (random weights), check it, run it, then fine-tune it on its "
+                    "bundled chat data (about a minute on 2 CPU cores): the loss falls and it answers questions.")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--batch", type=int, default=4, help="sequences per batch (default: 4)")
     demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    demo.add_argument("--no-finetune", dest="finetune", action="store_false",
+                      help="skip the tiny fine-tune that follows the checks")
+    demo.add_argument("--output", default=None,
+                      help="run folder of the tiny fine-tune (default: runs/tiny-full-<date-time>)")
     demo.set_defaults(run=_demo)
 
+    add_finetune_parsers(commands)
     add_generate_parsers(commands)
     add_bench_parser(commands)
     return parser

@@ -43,7 +43,7 @@ PRESETS: dict[str, dict] = {
     "34B": _shape(261120, 5120, 72, 20, 4, 128, 21504, 4096, 32, 128, 256, 2, 128, True, 262144),
     # Small enough for CPU tests and the demo; several chunks at short lengths; every multiplier non-unit.
     "tiny": {**_shape(512, 64, 2, 4, 2, 16, 128, 64, 4, 16, 16, 1, 16, True, 4096),
-             "eos_token_id": 2},  # the ids of its bundled tokenizer (gyrfalcon/data/tiny): pad 0, bos 1, eos 2
+             "eos_token_id": 2},  # the ids of its bundled tokenizer (gyrfalcon/resources/tiny): pad 0, bos 1, eos 2
 }
 
 PRESET_NOTES: dict[str, str] = {
@@ -53,5 +53,5 @@ PRESET_NOTES: dict[str, str] = {
     "3B": "vocab_size and intermediate_size are guesses; multipliers are 0.5B's",
     "7B": "multipliers are 0.5B's",
     "34B": "mamba_n_groups 2 (one source says 1); multipliers are 0.5B's",
-    "tiny": "test and demo model; its tokenizer and chat dataset ship in gyrfalcon/data/tiny",
+    "tiny": "test and demo model; its tokenizer and chat dataset ship in gyrfalcon/resources/tiny",
 }

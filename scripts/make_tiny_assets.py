@@ -1,6 +1,6 @@
 """Build the assets of the built-in tiny model: a small chat dataset and a 512-token BPE tokenizer trained on it.
 
-    python scripts/make_tiny_assets.py        # rewrites gyrfalcon/data/tiny/ (deterministic)
+    python scripts/make_tiny_assets.py        # rewrites gyrfalcon/resources/tiny/ (deterministic)
 
 The dataset is synthetic (arithmetic, word lengths, colours, counting, reversing short words), so it is ours to
 ship and a 170K-parameter model learns its patterns in a minute on a CPU: enough to show a loss curve fall and
@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "gyrfalcon" / "data" / "tiny"
+OUT = Path(__file__).resolve().parents[1] / "gyrfalcon" / "resources" / "tiny"
 SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|eos|>\n"

@@ -486,7 +486,7 @@ def test_unsupported_features_are_records_not_crashes():
 
 
 def test_decode_with_a_stand_in_generate():
-    def greedy(model, ids, max_new_tokens):
+    def greedy(model, ids, max_new_tokens, min_new_tokens):
         for _ in range(max_new_tokens):
             ids = torch.cat([ids, model(ids, logits_to_keep=1).logits.argmax(-1)], dim=1)
             time.sleep(0.005)   # a step cost no CPU load can hide: the timing difference must be positive
@@ -497,7 +497,7 @@ def test_decode_with_a_stand_in_generate():
     got = {r["metric"]: r for r in out}
     assert got["tokens_per_s"]["status"] == "ok" and got["bandwidth_share"]["status"] == "ok"
     assert got["tokens_per_s"]["value"] == pytest.approx(2e3 / got["ms_per_step"]["value"])
-    ctx, out = cpu_context(GyrfalconSystem(generate_fn=lambda model, ids, max_new_tokens: ids))
+    ctx, out = cpu_context(GyrfalconSystem(generate_fn=lambda model, ids, max_new_tokens, min_new_tokens: ids))
     run_workload(ctx, plan.Workload("decode", "tiny", {"batch": 1, "prompt": 16, "new_tokens": 8}))
     assert out[0]["status"] == "failed" and "stopped early" in out[0]["reason"]
 

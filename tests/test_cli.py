@@ -51,6 +51,6 @@ def test_info_errors_exit_2(capsys):
 
 
 def test_demo_runs(capsys):
-    assert main(["demo", "--batch", "2", "--seq-len", "24"]) == 0
+    assert main(["demo", "--batch", "2", "--seq-len", "24", "--no-finetune"]) == 0
     out = capsys.readouterr().out
     assert "saved and reloaded" in out and "left padding" in out

@@ -70,7 +70,6 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation: str |
     (None: row i uses slot i; rows must name distinct slots). Returns y (b, d) in x's dtype, computed in fp32
     (float64 for float64 inputs)."""
     b, d = x.shape
-    k = weight.shape[-1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     slots = (torch.arange(b, device=x.device) if state_indices is None
              else state_indices.to(device=x.device, dtype=torch.long))
