@@ -55,18 +55,24 @@ def resolve_checkpoint(path_or_id, *, token: str | None = None, revision: str | 
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
         return path
-    name = str(path_or_id)
+    return hub_snapshot(str(path_or_id), patterns=HUB_PATTERNS, token=token, revision=revision)
+
+
+def hub_snapshot(name: str, *, patterns: list[str], token: str | None = None, revision: str | None = None,
+                 error: type[Exception] = CheckpointError, what: str = "") -> Path:
+    """The local snapshot of hub repo `name` (only the files matching `patterns`), downloading what is missing.
+    `error` is raised, naming `what` is fetched, when the name is not a hub id or the hub cannot provide it."""
     if not HUB_ID.fullmatch(name):
-        raise CheckpointError(f"{name}: no such folder, and not a hub id of the form 'owner/name'")
+        raise error(f"{name}: no such folder, and not a hub id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(name, revision=revision, token=token, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(name, revision=revision, token=token, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise CheckpointError(f"could not fetch {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-                              "Check the name and your network; gated models need token= (or `hf auth login`); "
-                              "a local folder path works too") from None
+        raise error(f"could not fetch {what}{name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+                    "Check the name and your network; gated models need token= (or `hf auth login`); "
+                    "a local folder path works too") from None
 
 
 def load_config(model: str, *, token: str | None = None, revision: str | None = None) -> FalconH1Config:

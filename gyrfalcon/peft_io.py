@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import HUB_ID, CheckpointError
+from .checkpoint import CheckpointError, hub_snapshot
 from .checkpoint import atomic_folder as _atomic_folder
 from .lora import LoRALinear, add_lora, has_lora, lora_layers
 
@@ -137,18 +137,8 @@ def resolve_adapter(path_or_id, *, token: str | None = None, revision: str | Non
                     if (path / "config.json").exists() else "")
             raise AdapterError(f"{path}: no {ADAPTER_CONFIG}; not a LoRA adapter folder.{hint}")
         return path
-    name = str(path_or_id)
-    if not HUB_ID.fullmatch(name):
-        raise AdapterError(f"{name}: no such folder, and not a hub id of the form 'owner/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, revision=revision, token=token,
-                                      allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise AdapterError(f"could not fetch adapter {name!r} from the Hugging Face hub ({type(err).__name__}: "
-                           f"{err}); check the name and your network, or pass a local folder") from None
+    return hub_snapshot(str(path_or_id), patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], token=token, revision=revision,
+                        error=AdapterError, what="adapter ")
 
 
 def read_adapter_config(folder) -> dict:
