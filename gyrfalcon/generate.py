@@ -633,9 +633,9 @@ def generate_ids(model, input_ids, *, attention_mask=None, **options) -> Generat
                             finish_reasons=[row.finish_reason for row in rows_by_prompt])
 
 
-def stream(model, tokenizer, prompts, **options) -> Iterator[StreamEvent]:
-    """Generate and yield StreamEvents as text is produced (every `sync_every` tokens). prompts: one prompt or a
-    list (strings, chat message lists, token id lists). Options as `generate`."""
+def _text_batches(model, tokenizer, prompts, options: dict):
+    """(single, iterator of (prompt indices, rows) as batches progress) for text, chat or id prompts; one prompt
+    (a string or one chat) gives single=True. Settings and prompts are checked before anything runs."""
     single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                           and isinstance(prompts[0], dict))
     items = [prompts] if single else list(prompts)
@@ -643,7 +643,14 @@ def stream(model, tokenizer, prompts, **options) -> Iterator[StreamEvent]:
     ids = [_tokenize(tokenizer, p, i) for i, p in enumerate(items)]
     _check_prompts(model, ids)
     skip = options.get("skip_special_tokens", True)
-    for indices, rows in _run(model, tokenizer, ids, s, skip, options.get("batch_size")):
+    return single, _run(model, tokenizer, ids, s, skip, options.get("batch_size"))
+
+
+def stream(model, tokenizer, prompts, **options) -> Iterator[StreamEvent]:
+    """Generate and yield StreamEvents as text is produced (every `sync_every` tokens). prompts: one prompt or a
+    list (strings, chat message lists, token id lists). Options as `generate`."""
+    _, batches = _text_batches(model, tokenizer, prompts, options)
+    for indices, rows in batches:
         for event in rows.events(0):
             event.index = indices[event.index]
             yield event
@@ -663,16 +670,9 @@ def generate(model, tokenizer_or_ids, prompts=None, **options):
     (None = on CUDA), skip_special_tokens (True)."""
     if prompts is None:
         return generate_ids(model, tokenizer_or_ids, **options)
-    tokenizer = tokenizer_or_ids
-    single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                          and isinstance(prompts[0], dict))
-    items = [prompts] if single else list(prompts)
-    s = _settings(model, tokenizer, **_options(options))
-    ids = [_tokenize(tokenizer, p, i) for i, p in enumerate(items)]
-    _check_prompts(model, ids)
-    results: list[Completion | None] = [None] * len(ids)
-    skip = options.get("skip_special_tokens", True)
-    for indices, rows in _run(model, tokenizer, ids, s, skip, options.get("batch_size")):
+    single, batches = _text_batches(model, tokenizer_or_ids, prompts, options)
+    results: list[Completion | None] = [None] * (1 if single else len(prompts))
+    for indices, rows in batches:
         if rows.all_finished():
             for i, row in zip(indices, rows.rows):
                 results[i] = Completion(row.text, row.tokens, row.finish_reason, row.prompt_tokens)
