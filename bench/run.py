@@ -2,6 +2,7 @@
 
     bash bench/setup_baselines.sh                  # once, on a machine with PyPI: prepares .baseline/
     python bench/run.py                            # the default plan (< 9 min on an H100) -> runs/bench/
+    python bench/run.py --plan extra --resume      # decode and kernels at the same shapes, a second call
     python bench/run.py --plan sweep --resume      # the sequence-length and batch sweeps, in further calls
     python bench/run.py --plan maxlen --shapes 0.5B
     python bench/run.py --shapes tiny --device cpu --dtype float32 --systems gyrfalcon,hf-torch   # smoke run

@@ -251,11 +251,12 @@ def test_plots_are_written(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- plans, CLI
 def test_default_plan_is_the_baseline_anchors():
-    wl = plan.plan_workloads("default")
+    headline = plan.plan_workloads("default")
+    assert [w.label() for w in headline] == ["train 0.5B b4 x 2048", "prefill 0.5B b16 x 512", "train 7B b1 x 2048",
+                                             "prefill 7B b1 x 512"]
+    wl = plan.plan_workloads("extra")
     labels = [w.label() for w in wl if w.suite != "kernels"]
-    assert labels == ["train 0.5B b4 x 2048", "prefill 0.5B b16 x 512", "decode 0.5B b1, 512 + 128 new",
-                      "decode 0.5B b16, 512 + 128 new", "train 7B b1 x 2048", "prefill 7B b1 x 512",
-                      "decode 7B b1, 512 + 128 new"]
+    assert labels == ["decode 0.5B b1, 512 + 128 new", "decode 0.5B b16, 512 + 128 new", "decode 7B b1, 512 + 128 new"]
     kernels = [w for w in wl if w.suite == "kernels"]
     assert len(kernels) == 2 * len(plan.KERNEL_OPS)
     assert {"op": "ssd_scan", "pass": "fwd+bwd", "batch": 4, "seqlen": 2048} in [w.params for w in kernels]
@@ -515,7 +516,7 @@ def test_maxlen_doubles_then_bisects():
 
 def test_kernels_suite_on_the_tiny_shape():
     ctx, out = cpu_context(GyrfalconSystem())
-    for w in plan.plan_workloads("default", shapes=("tiny",), suites=("kernels",)):
+    for w in plan.plan_workloads("extra", shapes=("tiny",), suites=("kernels",)):
         run_workload(ctx, w)
     assert [(r["workload"]["op"], r["workload"]["pass"], r["status"]) for r in out] == [
         (op, kind, "ok") for op, kind in plan.KERNEL_OPS]
@@ -532,7 +533,8 @@ def test_transformers_systems_check_their_import_path():
 
 def test_hf_torch_train_prefill_decode_on_the_tiny_shape():
     ctx, out = cpu_context(HFSystem(kernels=False))
-    for w in plan.plan_workloads("default", shapes=("tiny",), suites=("train", "prefill", "decode")):
+    for w in [w for p in ("default", "extra") for w in plan.plan_workloads(p, shapes=("tiny",),
+                                                                        suites=("train", "prefill", "decode"))]:
         run_workload(ctx, w)
     headline = [(r["suite"], r["status"]) for r in out if r["metric"] == "tokens_per_s"]
     assert headline == [("train", "ok"), ("prefill", "ok"), ("decode", "ok"), ("decode", "ok")]
@@ -563,7 +565,8 @@ def test_cuda_timing_and_memory_on_the_tiny_shape():
     out: list[dict] = []
     ctx = Context(system=GyrfalconSystem(), settings=plan.Settings(), device=torch.device("cuda"), run_id="t",
                   env=collect_env("cuda", commit="test"), emit=out.append)
-    for w in plan.plan_workloads("default", shapes=("tiny",), suites=("train", "prefill", "kernels")):
+    for w in [w for p in ("default", "extra") for w in plan.plan_workloads(p, shapes=("tiny",),
+                                                                        suites=("train", "prefill", "kernels"))]:
         run_workload(ctx, w)
     bad = [(r["suite"], r["metric"], r["reason"]) for r in out if r["status"] != "ok"]
     assert not bad

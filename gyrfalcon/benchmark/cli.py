@@ -52,9 +52,9 @@ def populate(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     "Appends JSON records to OUT/results.jsonl, writes OUT/table.md and prints the table. "
                     "Progress goes to stderr.")
     run.add_argument("--plan", default="default", choices=PLANS,
-                     help="default: train/prefill/decode/kernels at 0.5B and 7B (< 9 min on an H100); sweep: "
-                          "sequence-length and batch sweeps for the plots; maxlen: longest trainable sequence; "
-                          "all: the three")
+                     help="default: train and prefill at 0.5B and 7B (< 9 min on an H100); extra: decode and "
+                          "kernels at the same shapes; sweep: sequence-length and batch sweeps for the plots; "
+                          "maxlen: longest trainable sequence; all: all of them")
     run.add_argument("--suites", type=_csv(SUITES), default=None, help=f"subset of {','.join(SUITES)}")
     run.add_argument("--shapes", type=_csv(), default=None,
                      help=f"presets to measure (default {','.join(DEFAULT_SHAPES)}; 'tiny' for a CPU smoke run)")

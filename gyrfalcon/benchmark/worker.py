@@ -70,7 +70,8 @@ def load_job(args: argparse.Namespace) -> tuple[Settings, list[Workload], str, s
         return (Settings.from_dict(spec["settings"]), workloads, spec.get("run_id") or args.run_id or new_run_id(),
                 spec.get("commit") or args.commit)
     settings = Settings() if args.dtype is None else Settings(dtype=args.dtype)
-    workloads = plan_workloads("default", shapes=(args.shape,), suites=args.suites)
+    workloads = [w for plan in ("default", "extra")
+                 for w in plan_workloads(plan, shapes=(args.shape,), suites=args.suites)]
     return settings, workloads, args.run_id or new_run_id(), args.commit
 
 
