@@ -9,6 +9,10 @@
     model.save_pretrained("my-adapter")       # PEFT adapter folder
     model.save_pretrained_merged("my-model", tokenizer)    # Hugging Face checkpoint, adapters folded in
 
+QLoRA: `from_pretrained(name, load_in_4bit=True)` loads the base with its decoder layers' linears in 4-bit NF4
+(gyrfalcon.quant); get_peft_model, Trainer and save_pretrained then work as above, and save_pretrained_merged folds
+the adapters into the dequantized 4-bit weights.
+
 `from_pretrained()` with no name gives the built-in tiny model (random init) and its tokenizer; a folder holding an
 adapter loads its base model and the adapter. `Trainer(...)` takes the dataset as a file, a hub name, a list of
 dicts or a `datasets.Dataset`, and any setting of gyrfalcon.recipes.FinetuneConfig as a keyword. Full fine-tuning:
@@ -17,7 +21,6 @@ skip get_peft_model (every weight then trains). `finetune(config)` is the whole 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -29,10 +32,12 @@ from torch import nn
 from .checkpoint import CheckpointError, default_device, default_dtype, load_model, resolve_checkpoint, save_model
 from .config import FalconH1Config
 from .data import DataError, Fields, PreparedData, prepare_data
-from .lora import ALL_TARGETS, apply_lora, has_lora, lora_layers, lora_targets, merge_and_unload, merged_state_dict
+from .lora import (ALL_TARGETS, apply_lora, base_state_dict, has_lora, lora_layers, lora_targets, merge_and_unload,
+                   merged_state_dict)
 from .model import FalconH1ForCausalLM
 from .peft_io import (ADAPTER_CONFIG, atomic_folder, load_adapter, read_adapter_config, resolve_adapter, save_adapter,
                       targets_out_proj)
+from .quant import QLoRAUnavailable, bitsandbytes_module, count_parameters, dequantize, is_quantized, load_4bit
 from .recipes import FinetuneConfig, RecipeError, load_recipe
 from .train import TRAINING_INFO, TrainingLoop, TrainResult, check_output, require_8bit_optimizer
 
@@ -43,26 +48,6 @@ _HF_NAMES = {"per_device_train_batch_size": "batch_size", "gradient_accumulation
              "logging_steps": "log_every", "save_steps": "save_every", "eval_steps": "eval_every",
              "output_dir": "output", "warmup_steps": "warmup_steps", "dataset_text_field": "text_field",
              "max_grad_norm": "max_grad_norm", "save_total_limit": "keep_checkpoints"}
-
-
-class QLoRAUnavailable(RuntimeError):
-    """QLoRA was asked for where it cannot run."""
-
-
-def require_qlora():
-    """The 4-bit module, or a QLoRAUnavailable error saying what is missing."""
-    problems = []
-    if not torch.cuda.is_available():
-        problems.append("no CUDA GPU is visible")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("bitsandbytes is not installed (pip install bitsandbytes)")
-    if importlib.util.find_spec("gyrfalcon.quant") is None:
-        problems.append("this gyrfalcon has no 4-bit module (gyrfalcon.quant) yet")
-    if problems:
-        raise QLoRAUnavailable("QLoRA (load_in_4bit / method: qlora) needs a CUDA GPU and bitsandbytes: "
-                               + "; ".join(problems) + ". Use method lora (a bf16 base) instead.")
-    from . import quant  # type: ignore[attr-defined]
-    return quant
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -111,12 +96,12 @@ def _name_for_adapter(name) -> str | None:
 
 def load_base_model(name, *, dtype=None, device=None, load_in_4bit: bool = False, seed: int = 0,
                     revision: str | None = None, token: str | None = None) -> FalconH1ForCausalLM:
-    """A checkpoint (folder or hub id), or the built-in tiny model with random weights (None / 'tiny')."""
+    """A checkpoint (folder or hub id), or the built-in tiny model with random weights (None / 'tiny').
+    load_in_4bit: the decoder layers' linears in 4-bit NF4 (QLoRA; quant.load_4bit), the rest in `dtype`."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if load_in_4bit:
-        quant = require_qlora()
-        model = quant.load_4bit(name, device=device, compute_dtype=dtype, revision=revision, token=token)
+        model = load_4bit(name, device=device, compute_dtype=dtype, seed=seed, revision=revision, token=token)
     elif name in (None, "", "tiny"):
         model = FalconH1ForCausalLM.from_config(FalconH1Config.from_preset("tiny"), dtype=dtype, device=device,
                                                 seed=seed)
@@ -131,7 +116,9 @@ def from_pretrained(model_name: str | None = None, *, max_seq_length: int = 2048
                     seed: int = 0):
     """(model, tokenizer). model_name: a checkpoint folder or hub id; None: the built-in tiny model (random init);
     an adapter folder: its base model (from adapter_config.json) with the adapter attached (a LoraModel).
-    max_seq_length becomes the tokenizer's model_max_length, which Trainer uses as its default."""
+    max_seq_length becomes the tokenizer's model_max_length, which Trainer uses as its default.
+    load_in_4bit: QLoRA's base, the decoder layers' linears in 4-bit NF4 (needs bitsandbytes; a CUDA GPU for real
+    models, the CPU works for the tiny one); dtype is then the compute dtype of everything else."""
     adapter = None
     if model_name is not None and (Path(model_name).expanduser() / ADAPTER_CONFIG).exists():
         adapter = Path(model_name).expanduser()
@@ -185,8 +172,7 @@ class LoraModel(nn.Module):
 
     def trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.base_model.parameters() if p.requires_grad)
-        return trainable, self.base_model.num_parameters() + sum(
-            layer.lora_A.numel() + layer.lora_B.numel() for layer in lora_layers(self.base_model).values())
+        return trainable, count_parameters(self.base_model)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.trainable_parameters()
@@ -207,7 +193,11 @@ class LoraModel(nn.Module):
     def save_pretrained_merged(self, directory, tokenizer=None, *, overwrite: bool = False,
                                max_shard_size: int | str = "5GB") -> Path:
         """Write a Hugging Face checkpoint with every adapter folded into its base weight; the model in memory is
-        left as it is (the merged copy is built on the CPU)."""
+        left as it is (the merged copy is built on the CPU). On a 4-bit base (QLoRA), the adapters are folded into
+        the dequantized 4-bit weights they were trained on."""
+        if is_quantized(self.base_model):
+            print(f"note: {directory}: adapters merged onto the dequantized 4-bit (NF4) base weights they were trained "
+                  "on; the checkpoint carries the 4-bit rounding of the base")
         return save_merged(self.base_model, directory, tokenizer=tokenizer, overwrite=overwrite,
                            max_shard_size=max_shard_size)
 
@@ -248,9 +238,11 @@ def _plain_model(config: FalconH1Config, state: dict) -> FalconH1ForCausalLM:
 
 def save_merged(model, directory, *, tokenizer=None, overwrite: bool = False,
                 max_shard_size: int | str = "5GB") -> Path:
-    """A Hugging Face checkpoint of `model` with its adapters folded in (a copy; `model` is unchanged)."""
+    """A Hugging Face checkpoint of `model` with its adapters folded in (a copy; `model` is unchanged). 4-bit
+    weights are written dequantized (the adapters folded into them)."""
     base = model.base_model if isinstance(model, LoraModel) else model
-    plain = _plain_model(base.config, merged_state_dict(base, device="cpu")) if has_lora(base) else base
+    dense = has_lora(base) or is_quantized(base)
+    plain = _plain_model(base.config, merged_state_dict(base, device="cpu")) if dense else base
     directory = Path(directory).expanduser()
     with atomic_folder(directory, overwrite=overwrite) as tmp:
         save_model(plain, tmp, overwrite=True, max_shard_size=max_shard_size)
@@ -276,6 +268,10 @@ class Trainer:
         self.lora = isinstance(model, LoraModel) or has_lora(model)
         self.wrapper = model if isinstance(model, LoraModel) else None
         self.model = model.base_model if isinstance(model, LoraModel) else model
+        quantized = is_quantized(self.model)
+        if quantized and not self.lora:
+            raise RecipeError("a 4-bit (QLoRA) base trains LoRA adapters only: call get_peft_model(model, ...) "
+                              "first, or load the model without load_in_4bit for full fine-tuning")
         if not self.lora:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -284,7 +280,7 @@ class Trainer:
         settings.setdefault("max_seq_length", _tokenizer_length(tokenizer))
         if not self.lora and settings.get("method", "full") != "full":
             raise RecipeError("the model has no LoRA adapters: call get_peft_model first, or use method='full'")
-        settings["method"] = "lora" if self.lora else "full"
+        settings["method"] = ("qlora" if quantized else "lora") if self.lora else "full"
         self.base_name = (model.base_model_name_or_path if isinstance(model, LoraModel)
                           else getattr(self.model, "name_or_path", None))
         settings.setdefault("model", self.base_name)
@@ -337,12 +333,16 @@ def run_training(model: FalconH1ForCausalLM, tokenizer, data: PreparedData, cfg:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model.config.pad_token_id or 0)
     info = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
             "versions": _versions()}
+    if is_quantized(model):
+        info["base_weights"] = "decoder linears in 4-bit NF4 (double quantization, blocks of 64)"
     lora = has_lora(model)
     loop = TrainingLoop(model, data, cfg, output_dir=cfg.output, tokenizer=tokenizer, base_model_name=base_name,
                         pad_id=pad_id, resume_from=checkpoint, callbacks=callbacks, console=console, run_info=info)
     loop.prepare_output()
     if lora and base_name is None:
-        # A random-init base exists nowhere else: keep it, and point the adapter at it.
+        # A random-init base exists nowhere else: keep it, and point the adapter at it. A 4-bit one is kept
+        # dequantized: quantizing those weights again gives the same NF4 codes (the block scales may differ in
+        # their last bits, through the 8-bit double quantization).
         base_dir = Path(cfg.output) / "base"
         if not base_dir.exists():
             _save_unmerged_base(model, base_dir)
@@ -357,8 +357,7 @@ def run_training(model: FalconH1ForCausalLM, tokenizer, data: PreparedData, cfg:
 
 
 def _save_unmerged_base(model: FalconH1ForCausalLM, directory: Path) -> None:
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
-    save_model(_plain_model(model.config, state), directory)
+    save_model(_plain_model(model.config, base_state_dict(model, device="cpu")), directory)
 
 
 def _versions() -> dict:
@@ -400,14 +399,15 @@ def finetune(config: FinetuneConfig | str | dict | None = None, *, callbacks=(),
         raise RecipeError("no training data: pass --data FILE_OR_NAME (or set data: in the recipe)")
     checkpoint = check_output(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.method == "qlora":
-        require_qlora()
+        bitsandbytes_module(resolve_device(cfg.device))  # before minutes of loading, not after
     if cfg.optimizer == "adamw_8bit":
         require_8bit_optimizer(resolve_device(cfg.device))  # before minutes of loading, not after
     model = load_base_model(None if builtin else cfg.model, dtype=cfg.dtype, device=cfg.device,
                             load_in_4bit=cfg.method == "qlora", seed=cfg.seed, revision=cfg.revision)
     tokenizer = load_tokenizer(cfg.tokenizer or (None if builtin else cfg.model), revision=cfg.revision)
-    console.print(f"model: {cfg.model or 'built-in tiny Falcon-H1 (random init)'}, {model.num_parameters():,} "
-                  f"parameters, {str(model.dtype).removeprefix('torch.')} on {model.device}", markup=False)
+    four_bit = ", decoder linears in 4-bit NF4 (QLoRA)" if is_quantized(model) else ""
+    console.print(f"model: {cfg.model or 'built-in tiny Falcon-H1 (random init)'}, {count_parameters(model):,} "
+                  f"parameters, {str(model.dtype).removeprefix('torch.')} on {model.device}{four_bit}", markup=False)
     data_source = cfg.data
     if data_source is None:
         from .assets import TINY_CHAT_DATA
@@ -458,9 +458,9 @@ def merge(adapter, output, *, model: str | None = None, dtype=None, device="cpu"
     method = json.loads(info_path.read_text()).get("method") if info_path.exists() else None
     device = resolve_device(device)
     if method == "qlora":
-        quant = require_qlora()
-        base_model = quant.load_4bit(base, device=device, compute_dtype=resolve_dtype(dtype, device), token=token)
-        base_model = quant.dequantize(base_model)
+        # Quantized as training quantized it (same weights, same dtype), then made dense again.
+        base_model = load_4bit(base, device=device, compute_dtype=_checkpoint_dtype(base, dtype, device), token=token)
+        base_model = dequantize(base_model)
         console.print("QLoRA adapter: merged onto the dequantized 4-bit (NF4) base weights it was trained on; the "
                       "merged checkpoint therefore carries the 4-bit rounding of the base", markup=False)
     else:

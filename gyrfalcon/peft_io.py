@@ -10,6 +10,10 @@ PEFT refuses adapters on the Mamba `out_proj` of Falcon-H1 models (it lists `out
 with Mamba layers): gyrfalcon writes and reads such adapters, but PEFT cannot load them. `gyrfalcon merge` folds any
 adapter into a plain Hugging Face checkpoint that every tool loads.
 
+An adapter trained on a 4-bit base (QLoRA) is written and read the same way: the files hold only the adapter, which
+attaches to a dense or a 4-bit base alike (its training record, gyrfalcon_training.json, says `method: qlora`, so that
+`gyrfalcon merge` folds it into the dequantized 4-bit weights it was trained on).
+
     save_adapter(model, "out/adapter", base_model_name_or_path="tiiuae/Falcon-H1-0.5B-Instruct")
     load_adapter(base_model, "out/adapter")                    # attaches LoRA layers and loads their weights
     load_adapter(base_model, "out/adapter", trainable=True)    # to continue training it
@@ -29,7 +33,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, hub_snapshot
 from .checkpoint import atomic_folder as _atomic_folder
-from .lora import LoRALinear, add_lora, has_lora, lora_layers
+from .lora import LoRALayer, add_lora, has_lora, is_linear, lora_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -70,7 +74,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
     alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
     attrs = sorted({name.rpartition(".")[2] for name in layers})
     every = [name for name, m in model.named_modules()
-             if name.rpartition(".")[2] in attrs and isinstance(m, nn.Linear)]
+             if name.rpartition(".")[2] in attrs and is_linear(m)]
     # Attribute names when every such layer is adapted (the usual case); the full names when only some are.
     targets = attrs if sorted(every) == sorted(layers) else sorted(layers)
     return {
@@ -217,7 +221,7 @@ def _check_against_model(folder: Path, model: nn.Module, weights: dict) -> None:
     modules = dict(model.named_modules())
     for name, (a, b) in weights.items():
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
+        if not is_linear(module):
             raise AdapterError(f"{folder}: the adapter has weights for {name!r}, which is not a linear layer of "
                                "this model; was it trained on another architecture?")
         if (a.shape[1], b.shape[0]) != (module.in_features, module.out_features):
@@ -260,7 +264,7 @@ def copy_adapter_weights(model: nn.Module, weights: dict, *, source="adapter") -
                  (f"unexpected {', '.join(unexpected[:4])}" if unexpected else "")
         raise AdapterError(f"{source}: the adapter's layers do not match the model's LoRA layers ({detail})")
     for name, (a, b) in weights.items():
-        layer: LoRALinear = layers[name]
+        layer: LoRALayer = layers[name]
         if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
             raise AdapterError(f"{source}: {name}: lora_A {list(a.shape)} / lora_B {list(b.shape)}, the model's "
                                f"layer holds {list(layer.lora_A.shape)} / {list(layer.lora_B.shape)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -141,7 +142,7 @@ def test_lora_run_on_a_checkpoint_then_merge(capsys, tmp_path):
     assert "loaded to continue training" in capsys.readouterr().out
 
 
-def test_bad_input_exits_2_with_a_named_problem(capsys, tmp_path):
+def test_bad_input_exits_2_with_a_named_problem(capsys, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                    '{"messages": "oops"}\n')
@@ -149,9 +150,11 @@ def test_bad_input_exits_2_with_a_named_problem(capsys, tmp_path):
     assert "row 2: 'messages' must be a non-empty list" in capsys.readouterr().err
     assert run_cli(["finetune", "--model", str(tmp_path), "--output", str(tmp_path / "o2"), *FAST]) == 2
     assert "no training data" in capsys.readouterr().err
-    assert run_cli(["finetune", "--method", "qlora", "--output", str(tmp_path / "o3"), *FAST]) == 2
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+        assert run_cli(["finetune", "--method", "qlora", "--output", str(tmp_path / "o3"), *FAST]) == 2
     err = capsys.readouterr().err
-    assert "QLoRA (load_in_4bit / method: qlora) needs a CUDA GPU and bitsandbytes" in err
+    assert "QLoRA (load_in_4bit / method: qlora) needs bitsandbytes" in err
     assert run_cli(["finetune", "--output", str(tmp_path / "o4"), "--resume", *FAST]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 
