@@ -4,11 +4,13 @@
     python bench/profile_train.py --shape 7B --batch 1 --seqlen 2048 --top 30
 
 The step is the benchmark harness's (gyrfalcon/benchmark/systems.py): random-init bf16 weights, rank-16 LoRA on every
-target, activation checkpointing, loss from the chunked linear + cross-entropy, backward. A few warm-up steps
-(Triton autotuning), then the median step time without the profiler, then torch.profiler over two steps.
+target, activation checkpointing, loss from the chunked linear + cross-entropy, backward (no optimizer). A few eager
+warm-up steps (Triton autotuning), the median eager step, then the same step as a CUDA graph
+(step_graph.GraphedTrainStep): its median, and torch.profiler over two replays.
 
 One JSON line per shape:
-    {"bench": "profile_train", "shape", "batch", "seqlen", "step_ms" (median, no profiler), "tokens_per_s",
+    {"bench": "profile_train", "shape", "batch", "seqlen", "train_step", "eager_step_ms", "eager_tokens_per_s",
+     "step_ms" (graphed, median, no profiler), "tokens_per_s",
      "gpu_busy_ms" (sum of kernel times per step), "gpu_busy_share" (busy / step: low means the GPU waits on the
      host), "kernels_per_step", "by_kind": {kind: ms per step}, "top": [[kernel name, ms per step, calls per step]]}
 """
@@ -25,6 +27,7 @@ import torch
 
 from gyrfalcon import FalconH1Config, FalconH1ForCausalLM
 from gyrfalcon.lora import ALL_TARGETS, apply_lora
+from gyrfalcon.step_graph import GraphedTrainStep
 
 KINDS = (  # first match wins; names as CUDA reports them
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "splitk")),
@@ -56,24 +59,36 @@ def build(shape: str, device: torch.device) -> tuple[FalconH1ForCausalLM, Falcon
     return model, config
 
 
-def step(model, ids) -> None:
-    loss = model(ids, labels=ids).loss
+def eager_step(model, ids) -> None:
+    loss = model(ids, labels=ids, return_logits=False).loss
     loss.backward()
+
+
+def median_ms(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def profile_shape(shape: str, batch: int, seqlen: int, top: int, device: torch.device) -> dict:
     model, config = build(shape, device)
     ids = torch.randint(0, config.vocab_size, (batch, seqlen), device=device)
     for _ in range(3):
-        step(model, ids)
-    times = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(model, ids)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step_ms = statistics.median(times) * 1e3
+        eager_step(model, ids)
+    eager_ms = median_ms(lambda: eager_step(model, ids))
+    graphed = GraphedTrainStep(model, batch_size=batch, seq_len=seqlen)
+
+    def step(*_):
+        graphed.zero_grad()
+        graphed(ids, ids)
+
+    step()
+    step_ms = median_ms(step)
     steps = 2
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -91,6 +106,8 @@ def profile_shape(shape: str, batch: int, seqlen: int, top: int, device: torch.d
     busy = sum(ms for ms, _ in per_kernel.values())
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
     record = {"bench": "profile_train", "shape": shape, "batch": batch, "seqlen": seqlen,
+              "train_step": "cuda_graph" if graphed.graphed else f"eager ({graphed.disabled})",
+              "eager_step_ms": round(eager_ms, 2), "eager_tokens_per_s": round(batch * seqlen / eager_ms * 1e3, 1),
               "step_ms": round(step_ms, 2), "tokens_per_s": round(batch * seqlen / step_ms * 1e3, 1),
               "gpu_busy_ms": round(busy, 2), "gpu_busy_share": round(busy / step_ms, 3),
               "kernels_per_step": round(sum(c for _, c in per_kernel.values())),
@@ -98,7 +115,7 @@ def profile_shape(shape: str, batch: int, seqlen: int, top: int, device: torch.d
               "top": [[name[:120], round(ms, 3), round(calls)] for name, (ms, calls) in ranked],
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__}
-    del model
+    del model, graphed
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return record

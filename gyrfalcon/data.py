@@ -504,9 +504,10 @@ class Batch:
                      self.n_targets, self.n_tokens)
 
 
-def collate(rows: list[Row], pad_id: int, packed: bool) -> Batch:
-    """Right-pad rows to the longest. Packed rows carry seq_idx; the padding is one more document of its own."""
-    length = max(len(r.input_ids) for r in rows)
+def collate(rows: list[Row], pad_id: int, packed: bool, length: int | None = None) -> Batch:
+    """Right-pad rows to the longest (or to `length`, when given and no shorter). Packed rows carry seq_idx; the
+    padding is one more document of its own."""
+    length = max([len(r.input_ids) for r in rows] + [length or 0])
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     seq_idx = torch.zeros((len(rows), length), dtype=torch.int32) if packed else None
@@ -527,13 +528,14 @@ class BatchStream:
     permutation seeded by (seed, epoch). Random access makes resuming exact: the position is one integer."""
 
     def __init__(self, rows: list[Row], *, batch_size: int, seed: int, pad_id: int, packed: bool,
-                 shuffle: bool = True):
+                 shuffle: bool = True, pad_to: int | None = None):
+        """pad_to: pad every batch to at least this length (a CUDA-graph step needs one shape)."""
         if not rows:
             raise DataError("no rows to make batches from")
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
-        self.packed, self.shuffle = packed, shuffle
+        self.packed, self.shuffle, self.pad_to = packed, shuffle, pad_to
         self.per_epoch = math.ceil(len(rows) / batch_size)
         self._order: tuple[int, list[int]] | None = None
 
@@ -548,7 +550,7 @@ class BatchStream:
     def batch(self, index: int) -> Batch:
         epoch, j = divmod(index, self.per_epoch)
         picked = self.order(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
-        return collate([self.rows[k] for k in picked], self.pad_id, self.packed)
+        return collate([self.rows[k] for k in picked], self.pad_id, self.packed, self.pad_to)
 
     def __iter__(self) -> Iterator[Batch]:
         """One pass in order (evaluation)."""

@@ -239,6 +239,9 @@ class FalconH1Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Recomputing a checkpointed layer replays the RNG state it first ran with (dropout masks match). A
+        # caller that runs no random op may turn this off: a CUDA graph cannot read the RNG state while capturing.
+        self.checkpoint_preserves_rng = True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # padding_idx as in transformers: the pad token's embedding row gets no gradient.
@@ -258,7 +261,8 @@ class FalconH1Model(nn.Module):
         cos, sin = self.rope(position_ids, hidden.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx, use_reentrant=False,
+                                    preserve_rng_state=self.checkpoint_preserves_rng)
             else:
                 hidden = layer(hidden, cos, sin, padding_mask, seq_idx)
         return self.final_layernorm(hidden)
@@ -467,7 +471,10 @@ class FalconH1ForCausalLM(nn.Module):
         if padding_mask is not None:
             raise ValueError("pass either attention_mask (padding) or seq_idx (packing), not both: a packed row "
                              "needs no padding")
-        if l > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        # Checked on the host, except while a CUDA graph captures the step (no host reads then; the graph's
+        # caller, step_graph.GraphedTrainStep, checks each batch it copies in).
+        capturing = seq_idx.is_cuda and torch.cuda.is_current_stream_capturing()
+        if l > 1 and not capturing and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
             raise ValueError("seq_idx must be non-decreasing along each row (documents are contiguous)")
         return seq_idx.to(torch.int32)
 

@@ -59,6 +59,10 @@ class FinetuneConfig:
     device: str = setting("auto", "cpu, cuda or cuda:N (auto: the current GPU if there is one)", "model")
     gradient_checkpointing: bool = setting(False, "recompute each layer in the backward pass: far less activation "
                                                   "memory for about a third more compute", "model")
+    cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each micro-batch's forward and backward from one CUDA "
+                                      "graph (the host otherwise launches its 10,000+ kernels one by one); packed "
+                                      "rows are then padded to max_seq_length so every batch has one shape. Runs "
+                                      "eagerly, saying why, under LoRA dropout or dynamic RoPE", "model")
     # ---- LoRA
     lora_r: int = setting(16, "adapter rank", "lora")
     lora_alpha: float = setting(32.0, "adapter scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) "

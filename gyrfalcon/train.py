@@ -47,6 +47,7 @@ from .data import BatchStream, PreparedData
 from .lora import has_lora
 from .peft_io import atomic_folder, copy_adapter_weights, read_adapter_weights, write_adapter_files
 from .recipes import FinetuneConfig
+from .step_graph import GraphedTrainStep
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -215,8 +216,13 @@ class TrainingLoop:
         if not self.params:
             raise TrainingError("the model has no trainable parameter (attach LoRA adapters, or set requires_grad "
                                 "for full fine-tuning)")
+        self.graph_step = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.graph_step = GraphedTrainStep(model, batch_size=config.batch_size, seq_len=config.max_seq_length)
+        # A graph replays one shape: packed rows (nearly full anyway) are padded to max_seq_length.
+        pad_to = config.max_seq_length if self.graph_step is not None and data.packed else None
         self.train_stream = BatchStream(data.train, batch_size=config.batch_size, seed=config.seed, pad_id=pad_id,
-                                        packed=data.packed)
+                                        packed=data.packed, pad_to=pad_to)
         self.eval_stream = (BatchStream(data.eval, batch_size=config.batch_size, seed=config.seed, pad_id=pad_id,
                                         packed=data.packed, shuffle=False) if data.eval else None)
         self.total = total_steps(config, self.train_stream.per_epoch)
@@ -349,17 +355,19 @@ class TrainingLoop:
         batches = self._micro_batches()
         n_targets = sum(b.n_targets for b in batches)
         model.train()
-        for _, p in self.params:
-            p.grad = None
+        self._clear_grads()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for batch in batches:
             if batch.n_targets == 0:
                 continue
             batch = batch.to(self.device)
-            out = model(batch.input_ids, labels=batch.labels, seq_idx=batch.seq_idx, return_logits=False)
             weight = batch.n_targets / n_targets  # token-weighted: accumulation equals one big batch
-            (out.loss * weight).backward()
-            loss_sum += out.loss.detach().float() * weight
+            if self.graph_step is not None:
+                loss = self.graph_step(batch.input_ids, batch.labels, batch.seq_idx, weight)
+            else:
+                loss = model(batch.input_ids, labels=batch.labels, seq_idx=batch.seq_idx, return_logits=False).loss
+                (loss * weight).backward()
+            loss_sum += loss.detach().float() * weight
         params = [p for _, p in self.params]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
@@ -373,8 +381,7 @@ class TrainingLoop:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            for _, p in self.params:
-                p.grad = None
+            self._clear_grads()
             self.state.step += 1
             self.state.micro_batches += len(batches)
             self.state.tokens += sum(b.n_tokens for b in batches)
@@ -385,6 +392,21 @@ class TrainingLoop:
         epoch = self.state.micro_batches / self.train_stream.per_epoch
         return {"step": self.state.step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": norm,
                 "tokens": self.state.tokens, "trained_tokens": self.state.trained_tokens}
+
+    def _clear_grads(self) -> None:
+        if self.graph_step is not None:
+            self.graph_step.zero_grad()  # in place: the graph writes to fixed addresses
+        else:
+            for _, p in self.params:
+                p.grad = None
+
+    def step_mode(self) -> str:
+        """How micro-batches run: 'cuda graph', or 'eager' with the reason a graph is not used."""
+        if self.graph_step is None:
+            return "eager" + ("" if self.config.cuda_graphs else " (cuda_graphs: false)")
+        if self.graph_step.disabled:
+            return f"eager ({self.graph_step.disabled})"
+        return "cuda graph" if self.graph_step.graphed else "cuda graph (captured at the first full batch)"
 
     def _stop_non_finite(self, loss: float, norm: float) -> None:
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm} (loss {loss:.4f})"
@@ -437,9 +459,14 @@ class TrainingLoop:
                                      speed="", mem="") if progress else None
             if self.state.step == 0 and cfg.eval_every and self.eval_stream is not None:
                 self._eval_record(metrics)  # the starting point of the eval curve
+            first = True
             while self.state.step < self.total:
                 tokens_before, started = self.state.tokens, time.perf_counter()
                 record = self.train_step()
+                if first and self.graph_step is not None:  # the graph is captured (or refused) in the first step
+                    self.console.print(f"training step: {self.step_mode()}", markup=False)
+                    self.run_info["train_step"] = self.step_mode()
+                first = False
                 elapsed = time.perf_counter() - started
                 self.state.elapsed_s += elapsed
                 record["tokens_per_s"] = round((self.state.tokens - tokens_before) / max(elapsed, 1e-9), 1)

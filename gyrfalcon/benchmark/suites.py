@@ -104,12 +104,9 @@ def _train_setup(ctx: Context, cfg: FalconH1Config):
     return model, optimizer, sum(p.numel() for p in params)
 
 
-def _train_step(ctx: Context, model, optimizer, ids: torch.Tensor, losses: list) -> None:
-    loss = ctx.system.loss(model, ids)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    losses.append(loss.detach())
+def _train_step(ctx: Context, model, optimizer, ids: torch.Tensor, losses: list, *, graphs: bool = True) -> None:
+    """forward + backward + AdamW step, as the system trains (gyrfalcon: its CUDA-graph step when `graphs`)."""
+    losses.append(ctx.system.train_step(model, optimizer, ids, graphs=graphs))
 
 
 def run_train(ctx: Context, workload: Workload) -> None:
@@ -127,7 +124,8 @@ def run_train(ctx: Context, workload: Workload) -> None:
         raise RuntimeError(f"non-finite training loss {loss}")
     step = timing.median
     model_flops = flops.train_flops(cfg, b, l)
-    extra = {**timing.extra(), "loss": loss, "trainable_params": trainable, "model_flops_per_step": model_flops}
+    extra = {**timing.extra(), "loss": loss, "trainable_params": trainable, "model_flops_per_step": model_flops,
+             **ctx.system.train_step_info(model)}
     ctx.record(workload, "tokens_per_s", b * l / step, extra=extra)
     ctx.record(workload, "step_s", step, extra=extra)
     _ok_or_unmeasured(ctx, workload, "peak_gib", peak, extra)
@@ -391,11 +389,11 @@ def _probe(ctx: Context, model, optimizer, cfg: FalconH1Config, params: dict):
     losses: list = []
     try:
         ids = random_ids(cfg.vocab_size, params["batch"], params["seqlen"], ctx.device, s.seed)
-        _, first = timed_call(lambda: _train_step(ctx, model, optimizer, ids, losses), ctx.device)
+        _, first = timed_call(lambda: _train_step(ctx, model, optimizer, ids, losses, graphs=False), ctx.device)
         if first > s.probe_limit_s:
             raise ProbeTimeout(f"first step took {first:.1f} s, over the {s.probe_limit_s} s limit")
         reset_peak(ctx.device)
-        _, step = timed_call(lambda: _train_step(ctx, model, optimizer, ids, losses), ctx.device)
+        _, step = timed_call(lambda: _train_step(ctx, model, optimizer, ids, losses, graphs=False), ctx.device)
         if step > s.probe_limit_s:
             raise ProbeTimeout(f"step took {step:.1f} s, over the {s.probe_limit_s} s limit")
         if not math.isfinite(float(losses[-1])):

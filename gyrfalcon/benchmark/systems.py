@@ -51,6 +51,7 @@ class GyrfalconSystem:
         """lora_fn / generate_fn: use these instead of gyrfalcon.lora.apply_lora / gyrfalcon.generate (tests)."""
         self._lora_fn = lora_fn
         self._generate_fn = generate_fn
+        self._steps: dict = {}  # id(model) -> GraphedTrainStep
 
     def check(self) -> None:
         return None
@@ -78,7 +79,34 @@ class GyrfalconSystem:
                   targets=tuple(settings.lora_targets))
 
     def loss(self, model, ids: torch.Tensor) -> torch.Tensor:
-        return model(ids, labels=ids).loss
+        return model(ids, labels=ids, return_logits=False).loss  # as gyrfalcon trains: no logits kept
+
+    def train_step(self, model, optimizer, ids: torch.Tensor, *, graphs: bool = True) -> torch.Tensor:
+        """As gyrfalcon's training loop steps: the forward + backward replayed from a CUDA graph
+        (step_graph.GraphedTrainStep; eager where the model cannot be graphed, or with graphs=False), then the
+        optimizer. Returns the loss."""
+        from ..step_graph import GraphedTrainStep
+
+        step = self._steps.get(id(model)) if graphs else None
+        if graphs and (step is None or step.model is not model or step.shape != tuple(ids.shape)):
+            step = GraphedTrainStep(model, batch_size=ids.shape[0], seq_len=ids.shape[1])
+            self._steps = {id(model): step}  # one graph at a time: its pool holds a step's activations
+        if step is None:
+            loss = self.loss(model, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        loss = step(ids, ids)
+        optimizer.step()
+        step.zero_grad()
+        return loss
+
+    def train_step_info(self, model) -> dict:
+        step = self._steps.get(id(model))
+        if step is None:
+            return {"train_step": "eager"}
+        return {"train_step": "cuda_graph" if step.graphed else f"eager ({step.disabled})"}
 
     def prefill(self, model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids, logits_to_keep=1).logits
@@ -200,6 +228,17 @@ class HFSystem:
 
     def loss(self, model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def train_step(self, model, optimizer, ids: torch.Tensor, *, graphs: bool = True) -> torch.Tensor:
+        """forward + backward + optimizer step, as a transformers + PEFT training loop runs them."""
+        loss = self.loss(model, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def train_step_info(self, model) -> dict:
+        return {"train_step": "eager"}
 
     def prefill(self, model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, logits_to_keep=1, use_cache=False).logits

@@ -61,12 +61,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + ctx.chunk]
             t = targets[start:start + ctx.chunk]
             logits = (h @ weight.T).to(cdt) * ctx.scale
-            # d(sum CE)/d logits = softmax - onehot, zero on ignored rows; the chain rule adds scale / count
+            # d(sum CE)/d logits = softmax - onehot, zero on ignored rows; the chain rule adds scale / count.
+            # Written with scatter and a multiply, not boolean indexing: no host sync, so a CUDA graph can hold it.
             g = torch.softmax(logits, dim=-1)
             keep = t != ctx.ignore_index
-            g[keep, t[keep]] -= 1
-            g[~keep] = 0
-            g = (g * factor).to(hidden.dtype)
+            g.scatter_add_(1, torch.where(keep, t, 0)[:, None], torch.full((g.shape[0], 1), -1.0, dtype=cdt,
+                                                                             device=g.device))
+            g = (g * (keep.to(cdt) * factor)[:, None]).to(hidden.dtype)
             if need_h:
                 grad_h[start:start + ctx.chunk] = g @ weight
             if need_w:

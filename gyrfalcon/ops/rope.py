@@ -61,7 +61,7 @@ def _yarn_inv_freq(rope: dict, base: float, factor: float, dim: int, device) -> 
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
     extrapolation = 1.0 - ramp  # share of each frequency kept as trained (high frequencies)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
