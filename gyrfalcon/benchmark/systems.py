@@ -102,6 +102,9 @@ class GyrfalconSystem:
         step.zero_grad()
         return loss
 
+    def release_train_step(self, model) -> None:
+        self._steps.pop(id(model), None)
+
     def train_step_info(self, model) -> dict:
         step = self._steps.get(id(model))
         if step is None:
@@ -239,6 +242,9 @@ class HFSystem:
 
     def train_step_info(self, model) -> dict:
         return {"train_step": "eager"}
+
+    def release_train_step(self, model) -> None:
+        return None
 
     def prefill(self, model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, logits_to_keep=1, use_cache=False).logits
