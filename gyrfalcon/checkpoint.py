@@ -152,24 +152,33 @@ def load_model(cls, path_or_id, *, dtype: torch.dtype | None = None, device=None
 
     from .model import FP32_PARAMETERS
     state = {}
-    for file in sorted(set(files.values())):
-        with _open(file, str(device)) as f:
-            for name in f.keys():
-                if name not in expected or name in optional:
-                    continue
-                try:
-                    tensor = f.get_tensor(name)
-                except (SafetensorError, OSError) as err:
-                    raise CheckpointError(f"{file}: tensor {name!r} unreadable, file truncated or corrupt "
-                                          f"({err}); download it again") from None
-                fp32 = name.rsplit(".", 1)[-1] in FP32_PARAMETERS and dtype != torch.float64
-                state[name] = tensor.to(torch.float32 if fp32 else dtype)
+    for name, tensor in read_tensors(files, device, skip=lambda n: n not in expected or n in optional):
+        fp32 = name.rsplit(".", 1)[-1] in FP32_PARAMETERS and dtype != torch.float64
+        state[name] = tensor.to(torch.float32 if fp32 else dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:  # cannot happen after _check_keys; a guard against silently random weights
         raise CheckpointError(f"{folder}: tensors not loaded: {', '.join(still_meta[:5])}")
     return model.eval()
+
+
+def read_tensors(files: dict[str, Path], device, skip=lambda name: False):
+    """Yield (name, tensor) for every tensor of the checkpoint's files, one at a time, read straight onto `device`
+    (a caller that drops each tensor after use holds one at a time); names for which skip(name) is true are not
+    read. An unreadable tensor is a CheckpointError naming its file."""
+    for file in sorted(set(files.values())):
+        with _open(file, str(device)) as f:
+            for name in f.keys():
+                if skip(name):
+                    continue
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, OSError) as err:
+                    raise CheckpointError(f"{file}: tensor {name!r} unreadable, file truncated or corrupt "
+                                          f"({err}); download it again") from None
+                yield name, tensor
+                del tensor  # before the next read: the caller may already have dropped it
 
 
 def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:

@@ -24,10 +24,9 @@ run on CUDA GPUs and, in recent versions, on the CPU (tests use the CPU with the
 from __future__ import annotations
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
-from .checkpoint import (CheckpointError, _check_keys, _open, _read_shapes, default_device, default_dtype,
+from .checkpoint import (CheckpointError, _check_keys, _read_shapes, default_device, default_dtype, read_tensors,
                          resolve_checkpoint, weight_files)
 from .config import FalconH1Config
 from .info import QUANTIZABLE
@@ -209,30 +208,17 @@ def load_4bit(path_or_id, *, device=None, compute_dtype: torch.dtype | None = No
             layers[f"{name}.weight"] = Linear4bit(linear.in_features, linear.out_features, linear.bias is not None)
         _replace(model, name, layers[f"{name}.weight"])
     state = {}
-    for file in sorted(set(files.values())):
-        with _open(file, str(device)) as f:
-            for name in f.keys():
-                if name not in expected or name in optional:
-                    continue
-                tensor = _read_tensor(f, file, name)
-                if name in layers:
-                    layers[name].quantize_(tensor.to(dtype))
-                else:
-                    fp32 = name.rsplit(".", 1)[-1] in FP32_PARAMETERS
-                    state[name] = tensor.to(torch.float32 if fp32 else dtype)
-                del tensor  # the 16-bit weight goes as soon as it is quantized
+    for name, tensor in read_tensors(files, device, skip=lambda n: n not in expected or n in optional):
+        if name in layers:
+            layers[name].quantize_(tensor.to(dtype))
+        else:
+            fp32 = name.rsplit(".", 1)[-1] in FP32_PARAMETERS
+            state[name] = tensor.to(torch.float32 if fp32 else dtype)
+        del tensor  # the 16-bit weight goes as soon as it is quantized
     model.load_state_dict(state, strict=False, assign=True)  # keeps the 4-bit layers' biases frozen
     model.tie_weights()
     _check_loaded(model, folder)
     return model.eval()
-
-
-def _read_tensor(f, file, name: str) -> torch.Tensor:
-    try:
-        return f.get_tensor(name)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file}: tensor {name!r} unreadable, file truncated or corrupt ({err}); "
-                              "download it again") from None
 
 
 def _check_loaded(model: nn.Module, source) -> None:
