@@ -436,7 +436,7 @@ def _attach_trainable(model: FalconH1ForCausalLM, cfg: FinetuneConfig, console: 
         else:
             apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                        targets=tuple(cfg.lora_targets), rslora=cfg.use_rslora, adapter_dtype=_adapter_dtype(model))
-    model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    model.enable_gradient_checkpointing(cfg.gradient_checkpointing, offload=cfg.offload_activations)
 
 
 # ---------------------------------------------------------------------------------------------- merge

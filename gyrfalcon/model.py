@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from .activation_offload import offloaded_checkpoint
 from .config import FalconH1Config
 
 if TYPE_CHECKING:
@@ -242,6 +243,7 @@ class FalconH1Model(nn.Module):
         # Recomputing a checkpointed layer replays the RNG state it first ran with (dropout masks match). A
         # caller that runs no random op may turn this off: a CUDA graph cannot read the RNG state while capturing.
         self.checkpoint_preserves_rng = True
+        self.offload_checkpoints = False  # saved layer inputs in host memory (enable_gradient_checkpointing)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # padding_idx as in transformers: the pad token's embedding row gets no gradient.
@@ -259,8 +261,15 @@ class FalconH1Model(nn.Module):
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, padding_mask: torch.Tensor | None,
                 seq_idx: torch.Tensor | None = None):
         cos, sin = self.rope(position_ids, hidden.dtype)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if recompute and self.offload_checkpoints:
+                # The input must carry a gradient for the layer's backward to run (a frozen embedding gives none).
+                if not hidden.requires_grad:
+                    hidden = hidden.detach().requires_grad_()
+                hidden = offloaded_checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx,
+                                              preserve_rng_state=self.checkpoint_preserves_rng)
+            elif recompute:
                 hidden = checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx, use_reentrant=False,
                                     preserve_rng_state=self.checkpoint_preserves_rng)
             else:
@@ -359,9 +368,13 @@ class FalconH1ForCausalLM(nn.Module):
         from .checkpoint import save_model
         save_model(self, directory, max_shard_size=max_shard_size, overwrite=overwrite)
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+    def enable_gradient_checkpointing(self, enabled: bool = True, *, offload: bool = False) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations. offload: keep
+        the layers' saved inputs in (pinned) host memory until the backward (activation_offload.py)."""
+        if offload and not enabled:
+            raise ValueError("offloading the saved layer inputs needs gradient checkpointing on")
         self.model.gradient_checkpointing = enabled
+        self.model.offload_checkpoints = offload
 
     @property
     def device(self) -> torch.device:

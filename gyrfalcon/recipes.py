@@ -59,6 +59,10 @@ class FinetuneConfig:
     device: str = setting("auto", "cpu, cuda or cuda:N (auto: the current GPU if there is one)", "model")
     gradient_checkpointing: bool = setting(False, "recompute each layer in the backward pass: far less activation "
                                                   "memory for about a third more compute", "model")
+    offload_activations: bool = setting(False, "with gradient_checkpointing: keep each layer's saved input in "
+                                               "host memory until the backward (7B at 128K tokens: 33 GiB off the "
+                                               "GPU) at the cost of two host transfers per layer; steps run without "
+                                               "CUDA graphs", "model")
     cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each micro-batch's forward and backward from one CUDA "
                                       "graph (the host otherwise launches its 10,000+ kernels one by one); packed "
                                       "rows are then padded to max_seq_length so every batch has one shape. Runs "
@@ -141,6 +145,8 @@ class FinetuneConfig:
             (self.lora_alpha > 0, "lora_alpha must be positive"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.max_seq_length >= 2, "max_seq_length must be at least 2"),
+            (self.gradient_checkpointing or not self.offload_activations,
+             "offload_activations needs gradient_checkpointing: true (it offloads the checkpointed layer inputs)"),
             (self.epochs > 0, "epochs must be positive"),
             (self.max_steps >= 0, "max_steps must be 0 (use epochs) or positive"),
             (self.batch_size >= 1, "batch_size must be at least 1"),

@@ -42,6 +42,8 @@ def graph_blockers(model: nn.Module) -> list[str]:
         reasons.append("dynamic RoPE scaling sizes its frequencies from the longest position, read back to the host")
     if any(type(m).__name__ in ("Linear4bit", "LoRALinear4bit") for m in model.modules()):
         reasons.append("the base is 4-bit (QLoRA): bitsandbytes' matmul has not been checked under graph capture")
+    if getattr(model.model, "offload_checkpoints", False):
+        reasons.append("activation offload copies the saved layer inputs to host memory, which a graph cannot do")
     active = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0 and m.training]
     if active:
         reasons.append(f"dropout is active ({active[0]} and {len(active) - 1} more): a recomputed checkpointed layer "
