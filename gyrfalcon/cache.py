@@ -225,27 +225,27 @@ class LayerCache:
         return self.step.decoding
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q (b, hq, l, d); k, v (b, hk, l, d) of the new tokens (keys already rotated). Returns (b, hq, l, d)."""
+        """A prefill's attention: q (b, hq, l, d); k, v (b, hk, l, d) of the new tokens (keys already rotated and
+        multiplied), stored, then attended with the cached ones. Returns (b, hq, l, d). Decode steps: decode_attend."""
         step = self.step
         rows = step.cache.rows
         self.k[rows, :, step.columns] = k.transpose(1, 2)
         self.v[rows, :, step.columns] = v.transpose(1, 2)
         keys, values = self.k[:, :, :step.kv_len], self.v[:, :, :step.kv_len]
-        if step.decoding:
-            return _decode_attention(q, keys, values, step.attn_mask, scale)
         if step.attn_mask is not None:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, scale=scale,
                                                   enable_gqa=q.shape[1] != keys.shape[1])
         return _causal_attention(q, keys, values, scale)
 
-
-def _decode_attention(q, keys, values, mask, scale):
-    """One query per row. The query heads sharing a KV head are laid along the query axis, so each KV head's keys are
-    read once, by a plain (no GQA) SDPA call: q (b, hq, 1, d) -> (b, hk, hq/hk, d); mask (b, 1, 1, kv_len)."""
-    b, hq, _, d = q.shape
-    hk = keys.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk, d), keys, values, attn_mask=mask, scale=scale)
-    return out.reshape(b, hq, 1, d)
+    def decode_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      *, key_factor: float, scale: float) -> torch.Tensor:
+        """A decode step's attention from the projections: q (b, hq, d), k, v (b, hk, d) (not yet rotated; k not yet
+        multiplied), cos, sin (b, d). RoPE, the key factor and the cache writes at each row's position are one
+        fused op (ops.rope_store_decode); then attention over the cached columns. Returns (b, hq, 1, d)."""
+        step = self.step
+        lengths = step.positions[:, 0]
+        q = ops.rope_store_decode(q, k, v, cos, sin, key_factor, self.k, self.v, lengths)
+        return ops.decode_attention(q, self.k, self.v, lengths, step.kv_len, scale, step.attn_mask)[:, :, None]
 
 
 def _causal_attention(q, keys, values, scale):

@@ -76,6 +76,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, padding_mask=None, seq_idx=None, cache: LayerCache | None = None):
         b, l, _ = x.shape
+        if cache is not None and cache.decoding:
+            # One token per row: RoPE, the key multiplier and the cache writes in one fused op, then attention.
+            o = cache.decode_attend(self.q_proj(x).view(b, self.num_heads, self.head_dim),
+                                    self.k_proj(x).view(b, self.num_kv_heads, self.head_dim),
+                                    self.v_proj(x).view(b, self.num_kv_heads, self.head_dim),
+                                    cos[:, 0], sin[:, 0], key_factor=self.key_multiplier, scale=self.head_dim ** -0.5)
+            return self.o_proj(o.reshape(b, 1, -1))
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2) * self.key_multiplier
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -209,7 +216,11 @@ class MLP(nn.Module):
         self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x) * self.gate_multiplier)) * self.down_multiplier
+        return self.unscaled(x) * self.down_multiplier
+
+    def unscaled(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP before its down_multiplier (the decoder layer applies it in the residual add)."""
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.gate_multiplier))
 
 
 class DecoderLayer(nn.Module):
@@ -226,10 +237,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, padding_mask=None, seq_idx=None, cache: LayerCache | None = None):
         h = self.input_layernorm(x)
-        mamba_out = self.mamba(h, padding_mask, seq_idx, cache) * self.ssm_out_multiplier
+        mamba_out = self.mamba(h, padding_mask, seq_idx, cache)
         attn_out = self.self_attn(h * self.attention_in_multiplier, cos, sin, padding_mask, seq_idx, cache)
-        x = x + (mamba_out + attn_out * self.attention_out_multiplier)
-        return x + self.feed_forward(self.pre_ff_layernorm(x))
+        # x + (mamba * ssm_out + attention * attention_out), then x + mlp * down: one fused kernel each when no
+        # gradient is needed (ops/fused.py), the same expressions as written here otherwise.
+        x = ops.residual_mix(x, mamba_out, attn_out, self.ssm_out_multiplier, self.attention_out_multiplier)
+        return ops.residual_add(x, self.feed_forward.unscaled(self.pre_ff_layernorm(x)),
+                                self.feed_forward.down_multiplier)
 
 
 class FalconH1Model(nn.Module):

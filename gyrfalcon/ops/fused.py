@@ -1,0 +1,90 @@
+"""Small fused ops for inference (prefill without gradients, and decoding), each with its pure-PyTorch reference.
+
+A decode step at batch 1 is bound by how many kernels it launches, not by what they compute: each decoder layer
+used to run ~41 kernels, most of them elementwise passes over a few thousand values (µP multiplications, residual
+adds, RoPE pieces, the KV-cache writes). These ops compute several of those passes in one kernel, in fp32 with one
+rounding at the end (the references round after every step, as the training path does):
+
+    residual_mix(x, m, a, s_m, s_a)   x + (m * s_m + a * s_a)           the layer's two mixers into the residual
+    residual_add(x, y, s)             x + y * s                         the MLP into the residual
+    swiglu(g, u, gate_multiplier)     u * silu(g * gate_multiplier)     the MLP's gate
+    rope_store_decode(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions) -> q rotated
+        one token per row: RoPE on q and on k (k times key_factor), k and v written into the caches at each row's
+        position. q (b, hq, d), k, v (b, hk, d) (any strides, last dim contiguous), cos, sin (b, d) in the model
+        dtype, k_cache, v_cache (b, hk, capacity, d), positions (b,) int on the device. Returns (b, hq, d).
+
+The Triton kernels (fused_triton.py) run on CUDA when no gradient is needed (training keeps the references, whose
+backward autograd provides). Shapes of x, m, a, y, g, u: any, equal, contiguous in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import kernels_enabled
+from .rope import _rotate_half
+
+
+def _inference(*tensors: torch.Tensor) -> bool:
+    """The kernels run where no gradient flows and every tensor is on CUDA."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None):
+        return False
+    return kernels_enabled(*tensors)
+
+
+def residual_mix_ref(x, m, a, s_m: float, s_a: float):
+    return x + (m * s_m + a * s_a)
+
+
+def residual_add_ref(x, y, s: float):
+    return x + y * s
+
+
+def swiglu_ref(g, u, gate_multiplier: float):
+    return u * F.silu(g * gate_multiplier)
+
+
+def rope_store_decode_ref(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions):
+    b = q.shape[0]
+    cos, sin = cos[:, None], sin[:, None]                                         # (b, 1, d)
+    k = k * key_factor
+    q_rot = q * cos + _rotate_half(q) * sin
+    k_rot = k * cos + _rotate_half(k) * sin
+    rows = torch.arange(b, device=q.device)
+    k_cache[rows, :, positions] = k_rot.to(k_cache.dtype)
+    v_cache[rows, :, positions] = v.to(v_cache.dtype)
+    return q_rot
+
+
+def _elementwise_ok(*tensors) -> bool:
+    first = tensors[0]
+    return all(t.shape == first.shape and t.dtype == first.dtype and t.is_contiguous() for t in tensors)
+
+
+def residual_mix(x, m, a, s_m: float, s_a: float):
+    if _inference(x, m, a) and _elementwise_ok(x, m, a):
+        from .fused_triton import residual_mix_triton
+        return residual_mix_triton(x, m, a, s_m, s_a)
+    return residual_mix_ref(x, m, a, s_m, s_a)
+
+
+def residual_add(x, y, s: float):
+    if _inference(x, y) and _elementwise_ok(x, y):
+        from .fused_triton import residual_mix_triton
+        return residual_mix_triton(x, y, None, s, 0.0)
+    return residual_add_ref(x, y, s)
+
+
+def swiglu(g, u, gate_multiplier: float):
+    if _inference(g, u) and _elementwise_ok(g, u):
+        from .fused_triton import swiglu_triton
+        return swiglu_triton(g, u, gate_multiplier)
+    return swiglu_ref(g, u, gate_multiplier)
+
+
+def rope_store_decode(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions):
+    if _inference(q, k, v, cos, sin, k_cache, v_cache, positions) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+        from .fused_triton import rope_store_decode_triton
+        return rope_store_decode_triton(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions)
+    return rope_store_decode_ref(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions)

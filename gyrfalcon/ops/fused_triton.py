@@ -1,0 +1,100 @@
+"""Triton kernels of ops/fused.py (inference only: no backward). Semantics are the references' there; all math is in
+fp32, with one rounding to the output dtype.
+
+Elementwise kernels (residual_mix, swiglu) treat their inputs as flat contiguous arrays of n values, BLOCK per
+program. rope_store_decode runs one program per (row, head) over hq + hk heads: a query head is rotated into the
+output; a key head is scaled, rotated and stored at its row's position in the key cache, and the value head beside
+it copied into the value cache. RoPE pairs element i with i +- d/2 (rotate_half), so a program loads its head twice
+(the second load permuted), which stays in cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _residual_mix_kernel(x_ptr, m_ptr, a_ptr, out_ptr, n, s_m, s_a, HAS_A: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mix = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s_m
+    if HAS_A:
+        mix += tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s_a
+    tl.store(out_ptr + offs, (x + mix).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, gate_multiplier, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gate_multiplier
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (u * g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, key_factor,
+                       HQ, HK, D,
+                       sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, so_b, so_h,
+                       skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+                       BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    half = D // 2
+    partner = tl.where(offs < half, offs + half, offs - half)
+    sign = tl.where(offs < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + row * sc_b + offs, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + row * sc_b + offs, mask=mask, other=0.0).to(tl.float32)
+    if head < HQ:
+        base = q_ptr + row * sq_b + head * sq_h
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32)
+        out = x * cos + sign * xp * sin
+        tl.store(qo_ptr + row * so_b + head * so_h + offs, out.to(qo_ptr.dtype.element_ty), mask=mask)
+    else:
+        kh = head - HQ
+        pos = tl.load(pos_ptr + row).to(tl.int64)
+        base = k_ptr + row * sk_b + kh * sk_h
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) * key_factor
+        xp = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32) * key_factor
+        out = x * cos + sign * xp * sin
+        tl.store(kc_ptr + row * skc_b + kh * skc_h + pos * skc_t + offs, out.to(kc_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(v_ptr + row * sv_b + kh * sv_h + offs, mask=mask, other=0.0)
+        tl.store(vc_ptr + row * svc_b + kh * svc_h + pos * svc_t + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def residual_mix_triton(x, m, a, s_m: float, s_a: float):
+    out = torch.empty_like(x)
+    n = x.numel()
+    _residual_mix_kernel[(triton.cdiv(n, BLOCK),)](x, m, a if a is not None else m, out, n, float(s_m), float(s_a),
+                                                    HAS_A=a is not None, BLOCK=BLOCK)
+    return out
+
+
+def swiglu_triton(g, u, gate_multiplier: float):
+    out = torch.empty_like(u)
+    n = u.numel()
+    _swiglu_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, float(gate_multiplier), BLOCK=BLOCK)
+    return out
+
+
+def rope_store_decode_triton(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions):
+    b, hq, d = q.shape
+    hk = k.shape[1]
+    if d % 2 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("rope_store_decode: head_dim must be even and cos/sin share a contiguous last dim")
+    q_out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    _rope_store_kernel[(b, hq + hk)](
+        q, k, v, cos, sin, positions, q_out, k_cache, v_cache, float(key_factor), hq, hk, d,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        q_out.stride(0), q_out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), BLOCK_D=triton.next_power_of_2(d))
+    return q_out

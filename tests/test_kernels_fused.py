@@ -1,0 +1,87 @@
+"""The fused inference kernels (gyrfalcon/ops/fused_triton.py) against float64 references: residual mixes, the
+SwiGLU gate, and RoPE + KV-cache store for a decode step (odd batch, GQA, strided inputs, a padded head dim), in
+fp32 and bf16 (bf16 within 2x the reference's own error in bf16). Without a GPU the kernels run in Triton's CPU
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1). Also: the dispatching entries keep the references where a
+gradient is needed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gyrfalcon.ops import fused  # noqa: E402
+from gyrfalcon.ops.fused_triton import (residual_mix_triton, rope_store_decode_triton,  # noqa: E402
+                                        swiglu_triton)
+from helpers import rel_err  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+# Triton's CPU interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest): one bf16 ulp of slack there.
+BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
+
+
+def rand(*shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(DEV, dtype)
+
+
+def check(got, ref_fn, inputs, dtype):
+    """got vs ref_fn on the float64 copies; in bf16, within 2x the reference's own bf16 error (plus one ulp)."""
+    exact = ref_fn(*[t.to(F64) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs])
+    if dtype == torch.float32:
+        assert rel_err(got, exact) <= 1e-6
+    else:
+        eager = ref_fn(*inputs)
+        assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + BF16_FLOOR
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_mix_add_and_swiglu(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x, m, a = (rand(3, 5, 333, dtype=dtype, gen=gen) for _ in range(3))
+    check(residual_mix_triton(x, m, a, 0.37, 1.9), fused.residual_mix_ref, (x, m, a, 0.37, 1.9), dtype)
+    check(residual_mix_triton(x, m, None, 0.8, 0.0), fused.residual_add_ref, (x, m, 0.8), dtype)
+    g, u = rand(7, 1100, dtype=dtype, gen=gen, scale=3.0), rand(7, 1100, dtype=dtype, gen=gen)
+    check(swiglu_triton(g, u, 0.6), fused.swiglu_ref, (g, u, 0.6), dtype)
+
+
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 24)])
+def test_rope_store_decode(dtype, d):
+    gen = torch.Generator().manual_seed(1)
+    b, hq, hk, capacity = 3, 6, 2, 11
+    # q, k, v as slices of one projection output row, as the model's views are (strided heads)
+    qkv = rand(b, (hq + 2 * hk) * d + 5, dtype=dtype, gen=gen)
+    q = qkv[:, :hq * d].view(b, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(b, hk, d)
+    v = qkv[:, (hq + hk) * d:(hq + 2 * hk) * d].view(b, hk, d)
+    angles = torch.rand(b, d // 2, generator=gen) * 6
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
+    positions = torch.tensor([0, 7, 10], device=DEV)
+    k_cache = rand(b, hk, capacity, d, dtype=dtype, gen=gen)
+    v_cache = rand(b, hk, capacity, d, dtype=dtype, gen=gen)
+    k_ref, v_ref = k_cache.to(F64), v_cache.to(F64)
+
+    q_rot = rope_store_decode_triton(q, k, v, cos, sin, 1.7, k_cache, v_cache, positions)
+    q_exact = fused.rope_store_decode_ref(q.to(F64), k.to(F64), v.to(F64), cos.to(F64), sin.to(F64), 1.7,
+                                          k_ref, v_ref, positions)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+    assert rel_err(q_rot, q_exact) <= tol
+    assert rel_err(k_cache, k_ref) <= tol and rel_err(v_cache, v_ref) <= tol
+    for row, pos in enumerate(positions.tolist()):  # every other column of the caches is left as it was
+        others = [c for c in range(capacity) if c != pos]
+        assert torch.equal(k_cache[row][:, others].to(F64), k_ref[row][:, others])
+        assert torch.equal(v_cache[row][:, others].to(F64), v_ref[row][:, others])
+
+
+def test_dispatch_keeps_references_where_gradients_flow():
+    x = torch.randn(4, 8, requires_grad=True)
+    m, a = torch.randn(4, 8), torch.randn(4, 8)
+    out = fused.residual_mix(x, m, a, 0.5, 2.0)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    with torch.no_grad():  # on the CPU the reference runs here too: same values
+        assert torch.equal(fused.residual_mix(x, m, a, 0.5, 2.0), fused.residual_mix_ref(x, m, a, 0.5, 2.0))
