@@ -237,3 +237,26 @@ def test_metrics_eval_and_plot(tmp_path, tok, small_data, monkeypatch):
     console = quiet()
     assert plot_losses(tmp_path / "run" / "metrics.jsonl", tmp_path / "x.png", console=console) is None
     assert "matplotlib is not installed" in console.file.getvalue() and not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_loop_with_cuda_graphs_follows_the_eager_loss_curve(tmp_path, tok, small_data):
+    """The training loop on CUDA: micro-batches replayed from a CUDA graph (packed rows padded to max_seq_length)
+    give the eager loop's losses, with gradient accumulation, checkpoints and eval in between."""
+    results = {}
+    for graphs in (False, True):
+        cfg = FinetuneConfig(**{**SETTINGS, "output": str(tmp_path / f"g{graphs}"), "cuda_graphs": graphs,
+                                "method": "lora", "grad_accum": 2, "batch_size": 2, "max_steps": 5,
+                                "gradient_checkpointing": True, "eval_split": 0.1, "eval_every": 2})
+        model = FalconH1ForCausalLM.from_config(FalconH1Config.from_preset("tiny"), dtype=torch.float32,
+                                                device="cuda", seed=0)
+        torch.manual_seed(cfg.seed)
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+        model.enable_gradient_checkpointing(True)
+        loop = TrainingLoop(model, prepared(tok, small_data, cfg), cfg, output_dir=cfg.output, tokenizer=tok,
+                            pad_id=0, console=quiet())
+        results[graphs] = (loop.run().losses, loop.step_mode())
+    assert results[True][1] == "cuda graph", results[True][1]
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(results[True][0], results[False][0])), results
