@@ -85,3 +85,26 @@ def test_dispatch_keeps_references_where_gradients_flow():
     assert torch.equal(x.grad, torch.ones_like(x))
     with torch.no_grad():  # on the CPU the reference runs here too: same values
         assert torch.equal(fused.residual_mix(x, m, a, 0.5, 2.0), fused.residual_mix_ref(x, m, a, 0.5, 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_forward_and_gradients(dtype):
+    from gyrfalcon.ops.fused_triton import SwiGLUFn
+
+    gen = torch.Generator().manual_seed(4)
+    g = rand(5, 777, dtype=dtype, gen=gen, scale=3.0).requires_grad_()
+    u = rand(5, 777, dtype=dtype, gen=gen).requires_grad_()
+    dout = rand(5, 777, dtype=dtype, gen=gen)
+
+    def run(fn, *inputs):
+        out = fn(*inputs, 0.6)
+        return [out.detach(), *torch.autograd.grad(out, inputs, dout.to(out.dtype))]
+
+    got = run(SwiGLUFn.apply, g, u)
+    exact = run(fused.swiglu_ref, g.detach().double().requires_grad_(), u.detach().double().requires_grad_())
+    eager = run(fused.swiglu_ref, g, u)
+    for name, a, e, ref in zip(("out", "dg", "du"), got, eager, exact):
+        if dtype == torch.float32:
+            assert rel_err(a, ref) <= 1e-6, name
+        else:
+            assert rel_err(a, ref) <= 2 * rel_err(e, ref) + BF16_FLOOR, name

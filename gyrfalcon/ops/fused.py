@@ -13,8 +13,8 @@ rounding at the end (the references round after every step, as the training path
         position. q (b, hq, d), k, v (b, hk, d) (any strides, last dim contiguous), cos, sin (b, d) in the model
         dtype, k_cache, v_cache (b, hk, capacity, d), positions (b,) int on the device. Returns (b, hq, d).
 
-The Triton kernels (fused_triton.py) run on CUDA when no gradient is needed (training keeps the references, whose
-backward autograd provides). Shapes of x, m, a, y, g, u: any, equal, contiguous in memory.
+The Triton kernels (fused_triton.py) run on CUDA; where a gradient is needed, only swiglu has a kernel (with its
+backward), the others keep the references (whose backward autograd provides). Shapes of x, m, a, y, g, u: any, equal, contiguous in memory.
 """
 
 from __future__ import annotations
@@ -77,8 +77,11 @@ def residual_add(x, y, s: float):
 
 
 def swiglu(g, u, gate_multiplier: float):
-    if _inference(g, u) and _elementwise_ok(g, u):
-        from .fused_triton import swiglu_triton
+    """u * silu(g * gate_multiplier): one kernel forward and one backward on CUDA (training too)."""
+    if kernels_enabled(g, u) and _elementwise_ok(g, u) and g.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        from .fused_triton import SwiGLUFn, swiglu_triton
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            return SwiGLUFn.apply(g, u, gate_multiplier)
         return swiglu_triton(g, u, gate_multiplier)
     return swiglu_ref(g, u, gate_multiplier)
 

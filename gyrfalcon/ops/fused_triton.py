@@ -1,5 +1,5 @@
-"""Triton kernels of ops/fused.py (inference only: no backward). Semantics are the references' there; all math is in
-fp32, with one rounding to the output dtype.
+"""Triton kernels of ops/fused.py. Semantics are the references' there; all math is in fp32, with one rounding to the
+output dtype. Inference only (no backward), except the SwiGLU gate, which also trains (SwiGLUFn).
 
 Elementwise kernels (residual_mix, swiglu) treat their inputs as flat contiguous arrays of n values, BLOCK per
 program. rope_store_decode runs one program per (row, head) over hq + hk heads: a query head is rotated into the
@@ -35,6 +35,20 @@ def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, gate_multiplier, BLOCK: tl.constexp
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gate_multiplier
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, (u * g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(g_ptr, u_ptr, dout_ptr, dg_ptr, du_ptr, n, gate_multiplier, BLOCK: tl.constexpr):
+    """out = u * silu(s), s = g * m:  du = dout * silu(s);  dg = dout * u * sigmoid(s) * (1 + s * (1 - sigmoid(s))) * m."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gate_multiplier
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-s))
+    tl.store(du_ptr + offs, (dout * s * sig).to(du_ptr.dtype.element_ty), mask=mask)
+    dg = dout * u * sig * (1.0 + s * (1.0 - sig)) * gate_multiplier
+    tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -83,6 +97,25 @@ def swiglu_triton(g, u, gate_multiplier: float):
     n = u.numel()
     _swiglu_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, float(gate_multiplier), BLOCK=BLOCK)
     return out
+
+
+class SwiGLUFn(torch.autograd.Function):
+    """u * silu(g * gate_multiplier) with a one-kernel backward; saves g and u (no intermediate)."""
+
+    @staticmethod
+    def forward(ctx, g, u, gate_multiplier: float):
+        ctx.save_for_backward(g, u)
+        ctx.gate_multiplier = gate_multiplier
+        return swiglu_triton(g, u, gate_multiplier)
+
+    @staticmethod
+    def backward(ctx, dout):
+        g, u = ctx.saved_tensors
+        dout = dout.contiguous()
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        n = u.numel()
+        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, dout, dg, du, n, float(ctx.gate_multiplier), BLOCK=BLOCK)
+        return dg, du, None
 
 
 def rope_store_decode_triton(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions):
