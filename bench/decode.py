@@ -114,8 +114,7 @@ def decode(workload: str, preset: str, batch: int, *, new: int = NEW, repeats: i
     if profile:
         profile_steps(workload, run, step)
     release(model)
-    del model
-    return batch / step
+    return batch / step  # the model goes with this frame; free() before the next workload returns its memory
 
 
 def profile_steps(workload: str, run, step: float) -> None:
@@ -176,7 +175,6 @@ def transformers_decode(workload: str, preset: str, batch: int, new: int = 64) -
          bytes_per_step=moved["total"], hbm_share=moved["total"] / step / flops.H100_HBM_BYTES_PER_S,
          first_call_s=first, generate_1_s=short_s, generate_new_s=long_s, transformers=transformers.__version__,
          mamba_backends=transformers_mamba_backends())
-    del model
     return batch / step
 
 
@@ -214,7 +212,6 @@ def prefill(workload: str, preset: str, length: int = 32768, piece: int = 8192) 
              mfu=flops.forward_flops(cfg, 1, upto, logits="last") / seconds / flops.H100_BF16_FLOPS,
              peak_gib=peak, weights_gib=weights, kv_cache_gib=cache.nbytes() / GIB, kv_used_gib=kv,
              activation_gib=peak - weights - cache.nbytes() / GIB, samples_s=times)
-    del model, cache
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -18,6 +18,7 @@ One JSON line per shape:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -115,9 +116,6 @@ def profile_shape(shape: str, batch: int, seqlen: int, top: int, device: torch.d
               "top": [[name[:120], round(ms, 3), round(calls)] for name, (ms, calls) in ranked],
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__}
-    del model, graphed
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     return record
 
 
@@ -132,6 +130,9 @@ def main(argv=None) -> int:
     runs = [(args.shape, args.batch, args.seqlen)] if args.shape else [("7B", 1, 2048), ("0.5B", 4, 2048)]
     for shape, batch, seqlen in runs:
         print(json.dumps(profile_shape(shape, batch, seqlen, args.top, device)), flush=True)
+        gc.collect()  # the shape's model and graph went with profile_shape's frame
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return 0
 
 
