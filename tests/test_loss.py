@@ -57,3 +57,11 @@ def test_bf16_odd_vocabulary_within_eager_error():
     chunked = run(lambda h, w: linear_cross_entropy(h, w, targets, 0.7, chunk=16), torch.bfloat16)
     for got, base, ref in zip(chunked, eager, exact):
         assert rel_err(got, ref) <= 2 * rel_err(base, ref) + 1e-6
+
+
+def test_chunk_size_follows_the_vocabulary():
+    from gyrfalcon.ops.loss import chunk_tokens
+
+    assert chunk_tokens(130049) == 512 and chunk_tokens(32768) == 2048 and chunk_tokens(261120) == 256
+    assert chunk_tokens(10_000_000) == 128  # never below the floor
+    assert all(chunk_tokens(v) % 64 == 0 for v in (512, 1000, 65536, 130049))

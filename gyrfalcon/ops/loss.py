@@ -13,7 +13,17 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-CHUNK_TOKENS = 4096  # logits of this many tokens at a time: 2 GB in fp32 at a 130K vocabulary
+# Logits of about this many (token, vocabulary) entries at a time. A chunk's forward and backward hold ~16 bytes per
+# entry at their peak (the logits in the model dtype, their fp32 copy, softmax, the gradient in fp32 and in the model
+# dtype): 2^26 entries is ~1 GiB, i.e. 512 tokens at the 7B's 130K vocabulary, 2048 at the 0.5B's 32K. (A fixed
+# 4096 tokens cost ~8 GiB at 7B: a third of that LoRA step's peak.)
+CHUNK_ENTRIES = 2 ** 26
+MIN_CHUNK_TOKENS = 128
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk for this vocabulary: CHUNK_ENTRIES / vocab, a multiple of 64, at least MIN_CHUNK_TOKENS."""
+    return max(MIN_CHUNK_TOKENS, CHUNK_ENTRIES // vocab_size // 64 * 64)
 
 
 def causal_lm_loss_ref(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -92,7 +102,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
-                         ignore_index: int = IGNORE_INDEX, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, chunk: int | None = None) -> torch.Tensor:
     """Mean CE of (scale * hidden @ weight.T) against targets (see the module docstring). hidden (n, d),
     weight (v, d), targets (n,). The fused Triton kernel takes this call on CUDA once it exists."""
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, scale, ignore_index, chunk)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, scale, ignore_index,
+                                            chunk or chunk_tokens(weight.shape[0]))
