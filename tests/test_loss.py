@@ -62,6 +62,6 @@ def test_bf16_odd_vocabulary_within_eager_error():
 def test_chunk_size_follows_the_vocabulary():
     from gyrfalcon.ops.loss import chunk_tokens
 
-    assert chunk_tokens(130049) == 512 and chunk_tokens(32768) == 2048 and chunk_tokens(261120) == 256
+    assert chunk_tokens(130049) == 256 and chunk_tokens(32768) == 1024 and chunk_tokens(261120) == 128
     assert chunk_tokens(10_000_000) == 128  # never below the floor
     assert all(chunk_tokens(v) % 64 == 0 for v in (512, 1000, 65536, 130049))
