@@ -239,11 +239,12 @@ class DecoderLayer(nn.Module):
         h = self.input_layernorm(x)
         mamba_out = self.mamba(h, padding_mask, seq_idx, cache)
         attn_out = self.self_attn(h * self.attention_in_multiplier, cos, sin, padding_mask, seq_idx, cache)
-        # x + (mamba * ssm_out + attention * attention_out), then x + mlp * down: one fused kernel each when no
-        # gradient is needed (ops/fused.py), the same expressions as written here otherwise.
-        x = ops.residual_mix(x, mamba_out, attn_out, self.ssm_out_multiplier, self.attention_out_multiplier)
-        return ops.residual_add(x, self.feed_forward.unscaled(self.pre_ff_layernorm(x)),
-                                self.feed_forward.down_multiplier)
+        # x + (mamba * ssm_out + attention * attention_out) with the MLP's input norm of it, then x + mlp * down:
+        # one fused kernel each when no gradient is needed (ops/fused.py), the plain expressions otherwise.
+        norm = self.pre_ff_layernorm
+        x, h = ops.residual_mix_norm(x, mamba_out, attn_out, self.ssm_out_multiplier, self.attention_out_multiplier,
+                                     norm.weight, norm.eps)
+        return ops.residual_add(x, self.feed_forward.unscaled(h), self.feed_forward.down_multiplier)
 
 
 class FalconH1Model(nn.Module):

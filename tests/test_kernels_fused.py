@@ -108,3 +108,27 @@ def test_swiglu_forward_and_gradients(dtype):
             assert rel_err(a, ref) <= 1e-6, name
         else:
             assert rel_err(a, ref) <= 2 * rel_err(e, ref) + BF16_FLOOR, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_mix_norm(dtype):
+    from gyrfalcon.ops.fused_triton import residual_mix_norm_triton
+    from gyrfalcon.ops.norm import rms_norm_ref
+
+    gen = torch.Generator().manual_seed(5)
+    x, m, a = (rand(2, 3, 200, dtype=dtype, gen=gen) for _ in range(3))
+    weight = (1 + 0.1 * torch.randn(200, generator=gen)).to(DEV, dtype)
+    new, normed = residual_mix_norm_triton(x, m, a, 0.4, 1.3, weight, 1e-5)
+
+    def reference(x, m, a, weight):
+        out = fused.residual_mix_ref(x, m, a, 0.4, 1.3)
+        return out, rms_norm_ref(out, weight, 1e-5)
+
+    exact = reference(*(t.double() for t in (x, m, a, weight)))
+    eager = reference(x, m, a, weight)
+    for got, e, ref in zip((new, normed), eager, exact):
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            assert rel_err(got, ref) <= 1e-6
+        else:
+            assert rel_err(got, ref) <= 2 * rel_err(e, ref) + BF16_FLOOR

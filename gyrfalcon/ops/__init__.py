@@ -6,7 +6,7 @@
 from .attention import attention, decode_attention, decode_attention_ref
 from .conv import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from .dispatch import kernels_enabled, use_reference
-from .fused import residual_add, residual_mix, rope_store_decode, swiglu
+from .fused import residual_add, residual_mix, residual_mix_norm, rope_store_decode, swiglu
 from .loss import causal_lm_loss, causal_lm_loss_ref, linear_cross_entropy, shift_labels
 from .norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
@@ -18,5 +18,5 @@ __all__ = [
     "linear_cross_entropy", "shift_labels", "gated_rms_norm",
     "gated_rms_norm_ref", "rms_norm", "rms_norm_ref", "apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq",
     "ssd_scan", "ssd_scan_ref", "ssd_sequential_ref", "ssd_step", "ssd_step_ref",
-    "residual_add", "residual_mix", "rope_store_decode", "swiglu",
+    "residual_add", "residual_mix", "residual_mix_norm", "rope_store_decode", "swiglu",
 ]

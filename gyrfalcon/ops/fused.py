@@ -6,6 +6,7 @@ adds, RoPE pieces, the KV-cache writes). These ops compute several of those pass
 rounding at the end (the references round after every step, as the training path does):
 
     residual_mix(x, m, a, s_m, s_a)   x + (m * s_m + a * s_a)           the layer's two mixers into the residual
+    residual_mix_norm(..., weight, eps)  the same, and rms_norm of the result (the MLP's input) in the same pass
     residual_add(x, y, s)             x + y * s                         the MLP into the residual
     swiglu(g, u, gate_multiplier)     u * silu(g * gate_multiplier)     the MLP's gate
     rope_store_decode(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions) -> q rotated
@@ -35,6 +36,12 @@ def _inference(*tensors: torch.Tensor) -> bool:
 
 def residual_mix_ref(x, m, a, s_m: float, s_a: float):
     return x + (m * s_m + a * s_a)
+
+
+def residual_mix_norm_ref(x, m, a, s_m: float, s_a: float, weight, eps: float):
+    from .norm import rms_norm
+    new = residual_mix_ref(x, m, a, s_m, s_a)
+    return new, rms_norm(new, weight, eps)
 
 
 def residual_add_ref(x, y, s: float):
@@ -67,6 +74,15 @@ def residual_mix(x, m, a, s_m: float, s_a: float):
         from .fused_triton import residual_mix_triton
         return residual_mix_triton(x, m, a, s_m, s_a)
     return residual_mix_ref(x, m, a, s_m, s_a)
+
+
+def residual_mix_norm(x, m, a, s_m: float, s_a: float, weight, eps: float):
+    """(x + (m * s_m + a * s_a), rms_norm of that): the decoder layer's mixer residual and the MLP's input norm."""
+    if (_inference(x, m, a, weight) and _elementwise_ok(x, m, a) and x.shape[-1] <= 16384
+            and weight.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+        from .fused_triton import residual_mix_norm_triton
+        return residual_mix_norm_triton(x, m, a, s_m, s_a, weight, eps)
+    return residual_mix_norm_ref(x, m, a, s_m, s_a, weight, eps)
 
 
 def residual_add(x, y, s: float):

@@ -29,6 +29,26 @@ def _residual_mix_kernel(x_ptr, m_ptr, a_ptr, out_ptr, n, s_m, s_a, HAS_A: tl.co
 
 
 @triton.jit
+def _residual_mix_norm_kernel(x_ptr, m_ptr, a_ptr, w_ptr, out_ptr, norm_ptr, D, s_m, s_a, eps,
+                              BLOCK_D: tl.constexpr):
+    """One row: out = x + (m s_m + a s_a) rounded to out's dtype, and norm = w * (out * rstd(out)) as rms_norm."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    base = row * D + offs
+    x = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
+    mix = tl.load(m_ptr + base, mask=mask, other=0.0).to(tl.float32) * s_m
+    mix += tl.load(a_ptr + base, mask=mask, other=0.0).to(tl.float32) * s_a
+    new = (x + mix).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + base, new, mask=mask)
+    nf = new.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(nf * nf, axis=0) / D + eps)
+    xn = (nf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded before the weight, as rms_norm does
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(norm_ptr + base, (w * xn).to(norm_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, gate_multiplier, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -90,6 +110,15 @@ def residual_mix_triton(x, m, a, s_m: float, s_a: float):
     _residual_mix_kernel[(triton.cdiv(n, BLOCK),)](x, m, a if a is not None else m, out, n, float(s_m), float(s_a),
                                                     HAS_A=a is not None, BLOCK=BLOCK)
     return out
+
+
+def residual_mix_norm_triton(x, m, a, s_m: float, s_a: float, weight, eps: float):
+    d = x.shape[-1]
+    out = torch.empty_like(x)
+    normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _residual_mix_norm_kernel[(x.numel() // d,)](x, m, a, weight, out, normed, d, float(s_m), float(s_a), float(eps),
+                                                  BLOCK_D=triton.next_power_of_2(d))
+    return out, normed
 
 
 def swiglu_triton(g, u, gate_multiplier: float):
