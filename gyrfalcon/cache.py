@@ -238,13 +238,14 @@ class LayerCache:
         return _causal_attention(q, keys, values, scale)
 
     def decode_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      *, key_factor: float, scale: float) -> torch.Tensor:
-        """A decode step's attention from the projections: q (b, hq, d), k, v (b, hk, d) (not yet rotated; k not yet
-        multiplied), cos, sin (b, d). RoPE, the key factor and the cache writes at each row's position are one
-        fused op (ops.rope_store_decode); then attention over the cached columns. Returns (b, hq, 1, d)."""
+                      *, key_factor: float, scale: float, q_factor: float = 1.0, v_factor: float = 1.0) -> torch.Tensor:
+        """A decode step's attention from the projections: q (b, hq, d), k, v (b, hk, d) (not yet rotated, nor
+        multiplied by their factors), cos, sin (b, d). RoPE, the factors and the cache writes at each row's position
+        are one fused op (ops.rope_store_decode); then attention over the cached columns. Returns (b, hq, 1, d)."""
         step = self.step
         lengths = step.positions[:, 0]
-        q = ops.rope_store_decode(q, k, v, cos, sin, key_factor, self.k, self.v, lengths)
+        q = ops.rope_store_decode(q, k, v, cos, sin, key_factor, self.k, self.v, lengths, q_factor=q_factor,
+                                  v_factor=v_factor)
         return ops.decode_attention(q, self.k, self.v, lengths, step.kv_len, scale, step.attn_mask)[:, :, None]
 
 

@@ -72,17 +72,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, hk * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(hq * d, config.hidden_size, bias=config.attention_bias)
         self.key_multiplier = config.key_multiplier
+        self.in_multiplier = config.attention_in_multiplier
         self.dropout = config.attention_dropout
 
     def forward(self, x, cos, sin, padding_mask=None, seq_idx=None, cache: LayerCache | None = None):
+        """x (b, l, hidden): the normed input, before the attention_in multiplier (applied here)."""
         b, l, _ = x.shape
         if cache is not None and cache.decoding:
-            # One token per row: RoPE, the key multiplier and the cache writes in one fused op, then attention.
-            o = cache.decode_attend(self.q_proj(x).view(b, self.num_heads, self.head_dim),
-                                    self.k_proj(x).view(b, self.num_kv_heads, self.head_dim),
-                                    self.v_proj(x).view(b, self.num_kv_heads, self.head_dim),
-                                    cos[:, 0], sin[:, 0], key_factor=self.key_multiplier, scale=self.head_dim ** -0.5)
-            return self.o_proj(o.reshape(b, 1, -1))
+            return self._decode(x, cos, sin, cache)
+        x = x * self.in_multiplier
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2) * self.key_multiplier
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -94,6 +92,21 @@ class Attention(nn.Module):
             o = ops.attention(q, k, v, scale=self.head_dim ** -0.5, key_padding_mask=padding_mask, doc_ids=seq_idx,
                               dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
+
+    def _decode(self, x, cos, sin, cache: LayerCache):
+        """One token per row: RoPE, the µP factors and the cache writes in one fused op, then attention. Without
+        biases the projections are linear, so the input factor a is applied to their outputs inside that op (q and
+        v times a, k times a * key_multiplier) rather than in a pass of its own over x."""
+        b = x.shape[0]
+        a = self.in_multiplier
+        if self.q_proj.bias is not None or self.k_proj.bias is not None or self.v_proj.bias is not None:
+            x, a = x * a, 1.0
+        o = cache.decode_attend(self.q_proj(x).view(b, self.num_heads, self.head_dim),
+                                self.k_proj(x).view(b, self.num_kv_heads, self.head_dim),
+                                self.v_proj(x).view(b, self.num_kv_heads, self.head_dim),
+                                cos[:, 0], sin[:, 0], q_factor=a, key_factor=a * self.key_multiplier, v_factor=a,
+                                scale=self.head_dim ** -0.5)
+        return self.o_proj(o.reshape(b, 1, -1))
 
 
 class MambaMixer(nn.Module):
@@ -138,7 +151,7 @@ class MambaMixer(nn.Module):
         if cache is not None and cache.decoding:
             # the cache holds the scaled weight when its owner computed it once per call (see scaled_conv_weight)
             weight = cache.conv_weight if cache.conv_weight is not None else self.scaled_conv_weight(s_x, s_b, s_c)
-            y = self._decode(xbc, dt * s_dt, weight, cache)
+            y = self._decode(xbc, dt, s_dt, weight, cache)  # s_dt applied inside the step kernel
         elif cache is not None:
             y = self._prefill(xbc, dt * s_dt, self.scaled_conv_weight(s_x, s_b, s_c), padding_mask, cache)
         else:
@@ -194,16 +207,16 @@ class MambaMixer(nn.Module):
         cache.ssm_state.copy_(ssm_state)
         return y
 
-    def _decode(self, xbc, dt, weight, cache: LayerCache):
+    def _decode(self, xbc, dt, dt_scale: float, weight, cache: LayerCache):
         """One token per row: conv window shift and SSD recurrence, both in place in the cache.
-        xbc (b, 1, conv_dim) unscaled; dt (b, 1, h) scaled. Returns y (b, 1, h, p)."""
+        xbc (b, 1, conv_dim) unscaled; dt (b, 1, h) before its factor dt_scale. Returns y (b, 1, h, p)."""
         b = xbc.shape[0]
         gs = self.n_groups * self.d_state
         xbc = ops.causal_conv1d_update(xbc[:, 0], cache.conv_state, weight, self.conv1d.bias, activation="silu")
         xs, B, C = xbc.split([self.d_ssm, gs, gs], dim=-1)
         y = ops.ssd_step(cache.ssm_state, xs.reshape(b, self.n_heads, self.head_dim), dt[:, 0], self.A_log,
                          B.reshape(b, self.n_groups, self.d_state), C.reshape(b, self.n_groups, self.d_state),
-                         self.D, self.dt_bias, dt_limit=self.config.time_step_limit)
+                         self.D, self.dt_bias, dt_limit=self.config.time_step_limit, dt_scale=dt_scale)
         return y[:, None]
 
 
@@ -231,14 +244,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention_in_multiplier = config.attention_in_multiplier
         self.attention_out_multiplier = config.attention_out_multiplier
         self.ssm_out_multiplier = config.ssm_out_multiplier
 
     def forward(self, x, cos, sin, padding_mask=None, seq_idx=None, cache: LayerCache | None = None):
         h = self.input_layernorm(x)
         mamba_out = self.mamba(h, padding_mask, seq_idx, cache)
-        attn_out = self.self_attn(h * self.attention_in_multiplier, cos, sin, padding_mask, seq_idx, cache)
+        attn_out = self.self_attn(h, cos, sin, padding_mask, seq_idx, cache)  # applies attention_in itself
         # x + (mamba * ssm_out + attention * attention_out) with the MLP's input norm of it, then x + mlp * down:
         # one fused kernel each when no gradient is needed (ops/fused.py), the plain expressions otherwise.
         norm = self.pre_ff_layernorm

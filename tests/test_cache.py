@@ -137,7 +137,7 @@ def test_cache_holds_unscaled_conv_inputs_and_rotated_multiplied_keys():
     xbc = layer.mamba.in_proj(h).split([cfg.d_ssm, cfg.conv_dim, cfg.mamba_n_heads], dim=-1)[1]   # no bias: as is
     assert rel_err(cache.conv[0], xbc[:, -(cfg.mamba_d_conv - 1):].transpose(1, 2)) <= EXACT
     attn = layer.self_attn
-    hk = h * layer.attention_in_multiplier
+    hk = h * layer.self_attn.in_multiplier
     q = attn.q_proj(hk).view(2, 11, -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(hk).view(2, 11, -1, attn.head_dim).transpose(1, 2) * cfg.key_multiplier
     cos, sin = model.model.rope(torch.arange(11).expand(2, 11), h.dtype)

@@ -65,9 +65,9 @@ def test_rope_store_decode(dtype, d):
     v_cache = rand(b, hk, capacity, d, dtype=dtype, gen=gen)
     k_ref, v_ref = k_cache.to(F64), v_cache.to(F64)
 
-    q_rot = rope_store_decode_triton(q, k, v, cos, sin, 1.7, k_cache, v_cache, positions)
+    q_rot = rope_store_decode_triton(q, k, v, cos, sin, 1.7, k_cache, v_cache, positions, 0.6, 1.3)
     q_exact = fused.rope_store_decode_ref(q.to(F64), k.to(F64), v.to(F64), cos.to(F64), sin.to(F64), 1.7,
-                                          k_ref, v_ref, positions)
+                                          k_ref, v_ref, positions, 0.6, 1.3)
     tol = 1e-6 if dtype == torch.float32 else 2 ** -7
     assert rel_err(q_rot, q_exact) <= tol
     assert rel_err(k_cache, k_ref) <= tol and rel_err(v_cache, v_ref) <= tol

@@ -9,9 +9,9 @@ rounding at the end (the references round after every step, as the training path
     residual_mix_norm(..., weight, eps)  the same, and rms_norm of the result (the MLP's input) in the same pass
     residual_add(x, y, s)             x + y * s                         the MLP into the residual
     swiglu(g, u, gate_multiplier)     u * silu(g * gate_multiplier)     the MLP's gate
-    rope_store_decode(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions) -> q rotated
-        one token per row: RoPE on q and on k (k times key_factor), k and v written into the caches at each row's
-        position. q (b, hq, d), k, v (b, hk, d) (any strides, last dim contiguous), cos, sin (b, d) in the model
+    rope_store_decode(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions, q_factor=1, v_factor=1)
+        -> q rotated. One token per row: q, k, v times their factors, RoPE on q and k, k and v written into the
+        caches at each row's position. q (b, hq, d), k, v (b, hk, d) (any strides, last dim contiguous), cos, sin (b, d) in the model
         dtype, k_cache, v_cache (b, hk, capacity, d), positions (b,) int on the device. Returns (b, hq, d).
 
 The Triton kernels (fused_triton.py) run on CUDA; where a gradient is needed, only swiglu has a kernel (with its
@@ -52,10 +52,15 @@ def swiglu_ref(g, u, gate_multiplier: float):
     return u * F.silu(g * gate_multiplier)
 
 
-def rope_store_decode_ref(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions):
+def rope_store_decode_ref(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions, q_factor: float = 1.0,
+                          v_factor: float = 1.0):
     b = q.shape[0]
     cos, sin = cos[:, None], sin[:, None]                                         # (b, 1, d)
     k = k * key_factor
+    if q_factor != 1.0:
+        q = q * q_factor
+    if v_factor != 1.0:
+        v = v * v_factor
     q_rot = q * cos + _rotate_half(q) * sin
     k_rot = k * cos + _rotate_half(k) * sin
     rows = torch.arange(b, device=q.device)
@@ -102,8 +107,10 @@ def swiglu(g, u, gate_multiplier: float):
     return swiglu_ref(g, u, gate_multiplier)
 
 
-def rope_store_decode(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions):
+def rope_store_decode(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions, q_factor: float = 1.0,
+                      v_factor: float = 1.0):
     if _inference(q, k, v, cos, sin, k_cache, v_cache, positions) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
         from .fused_triton import rope_store_decode_triton
-        return rope_store_decode_triton(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions)
-    return rope_store_decode_ref(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions)
+        return rope_store_decode_triton(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions, q_factor,
+                                        v_factor)
+    return rope_store_decode_ref(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions, q_factor, v_factor)

@@ -73,7 +73,7 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, dout_ptr, dg_ptr, du_ptr, n, gate_multiplie
 
 @triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, key_factor,
-                       HQ, HK, D,
+                       q_factor, v_factor, HQ, HK, D,
                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, so_b, so_h,
                        skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
                        BLOCK_D: tl.constexpr):
@@ -88,8 +88,8 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, k
     sin = tl.load(sin_ptr + row * sc_b + offs, mask=mask, other=0.0).to(tl.float32)
     if head < HQ:
         base = q_ptr + row * sq_b + head * sq_h
-        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        xp = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) * q_factor
+        xp = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32) * q_factor
         out = x * cos + sign * xp * sin
         tl.store(qo_ptr + row * so_b + head * so_h + offs, out.to(qo_ptr.dtype.element_ty), mask=mask)
     else:
@@ -100,7 +100,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, k
         xp = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32) * key_factor
         out = x * cos + sign * xp * sin
         tl.store(kc_ptr + row * skc_b + kh * skc_h + pos * skc_t + offs, out.to(kc_ptr.dtype.element_ty), mask=mask)
-        v = tl.load(v_ptr + row * sv_b + kh * sv_h + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + row * sv_b + kh * sv_h + offs, mask=mask, other=0.0).to(tl.float32) * v_factor
         tl.store(vc_ptr + row * svc_b + kh * svc_h + pos * svc_t + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
@@ -147,14 +147,16 @@ class SwiGLUFn(torch.autograd.Function):
         return dg, du, None
 
 
-def rope_store_decode_triton(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions):
+def rope_store_decode_triton(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions, q_factor: float = 1.0,
+                             v_factor: float = 1.0):
     b, hq, d = q.shape
     hk = k.shape[1]
     if d % 2 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
         raise ValueError("rope_store_decode: head_dim must be even and cos/sin share a contiguous last dim")
     q_out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     _rope_store_kernel[(b, hq + hk)](
-        q, k, v, cos, sin, positions, q_out, k_cache, v_cache, float(key_factor), hq, hk, d,
+        q, k, v, cos, sin, positions, q_out, k_cache, v_cache, float(key_factor), float(q_factor), float(v_factor),
+        hq, hk, d,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),

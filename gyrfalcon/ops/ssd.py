@@ -139,12 +139,14 @@ def ssd_scan(x, dt, A_log, B, C, D=None, dt_bias=None, *, chunk_size: int, dt_so
 
 
 def ssd_step_ref(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus: bool = True,
-                 dt_limit=INF_LIMIT):
-    """One token of the recurrence. state (b, h, p, n); x (b, h, p); dt (b, h); B, C (b, g, n).
-    Returns (y (b, h, p), new_state (b, h, p, n)), both in the state's dtype (fp32 or fp64)."""
+                 dt_limit=INF_LIMIT, dt_scale: float = 1.0):
+    """One token of the recurrence. state (b, h, p, n); x (b, h, p); dt (b, h), times dt_scale (taken in the
+    state's dtype); B, C (b, g, n). Returns (y (b, h, p), new_state (b, h, p, n)), both in the state's dtype."""
     b, h, p = x.shape
     g = B.shape[1]
     cdt = state.dtype
+    if dt_scale != 1.0:
+        dt = dt.to(cdt) * dt_scale
     dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)                 # (b, h)
     A = -torch.exp(A_log.to(cdt))
     Bh = B.to(cdt).repeat_interleave(h // g, dim=1)                             # (b, h, n)
@@ -159,18 +161,19 @@ def ssd_step_ref(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus
 
 
 def ssd_step(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus: bool = True, dt_limit=INF_LIMIT,
-             z=None, state_indices=None):
+             z=None, state_indices=None, dt_scale: float = 1.0):
     """One decode token for a batch. state (num_slots, h, p, n) fp32 is updated IN PLACE: row i uses slot
-    state_indices[i] (slot i when None); x (b, h, p); dt (b, h); B, C (b, g, n); z (b, h, p) optional gate.
+    state_indices[i] (slot i when None); x (b, h, p); dt (b, h), times dt_scale (the dt block's µP factor, applied
+    as dt is read); B, C (b, g, n); z (b, h, p) optional gate.
     Returns y (b, h, p) in x's dtype (times silu(z) when z is given). Triton kernel on CUDA, ssd_step_ref otherwise."""
     if kernels_enabled(state, x) and state.dtype == torch.float32 and x.dtype != torch.float64:
         from .ssd_triton import ssd_step_triton
 
         return ssd_step_triton(state, x, dt, A_log, B, C, D, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                               z=z, state_indices=state_indices)
+                               z=z, state_indices=state_indices, dt_scale=dt_scale)
     slots = state_indices if state_indices is not None else torch.arange(x.shape[0], device=state.device)
     y, new_state = ssd_step_ref(state[slots], x, dt, A_log, B, C, D, dt_bias, dt_softplus=dt_softplus,
-                                dt_limit=dt_limit)
+                                dt_limit=dt_limit, dt_scale=dt_scale)
     state[slots] = new_state.to(state.dtype)
     if z is not None:
         y = y * F.silu(z.to(y.dtype))

@@ -401,7 +401,7 @@ def _fwd_out_kernel(x_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_ptr, stat
 
 @triton.jit
 def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_ptr, y_ptr,
-                 hpg, p, n, lo, hi,
+                 hpg, p, n, lo, hi, dt_scale,
                  s_ss, s_sh, s_sp, s_sn, s_xb, s_xh, s_xp, s_db, s_dh, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
                  s_zb, s_zh, s_zp, s_yb, s_yh, s_yp,
                  BP: tl.constexpr, BN: tl.constexpr, HAS_IDX: tl.constexpr, HAS_D: tl.constexpr,
@@ -425,7 +425,8 @@ def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_p
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(dt_bias_ptr + hd).to(tl.float32)
-    dtv = _discretize(tl.load(dt_ptr + b * s_db + hd * s_dh).to(tl.float32), bias, SOFTPLUS, HAS_LIMIT, lo, hi)
+    dt_raw = tl.load(dt_ptr + b * s_db + hd * s_dh).to(tl.float32) * dt_scale
+    dtv = _discretize(dt_raw, bias, SOFTPLUS, HAS_LIMIT, lo, hi)
     A = -tl.exp(tl.load(A_log_ptr + hd).to(tl.float32))
     Bv = tl.load(B_ptr + b * s_Bb + gi * s_Bg + rn * s_Bn, mask=mn, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_Cb + gi * s_Cg + rn * s_Cn, mask=mn, other=0.0).to(tl.float32)
@@ -441,9 +442,10 @@ def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_p
 
 
 def ssd_step_triton(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus: bool = True,
-                    dt_limit=(0.0, math.inf), z=None, state_indices=None):
+                    dt_limit=(0.0, math.inf), z=None, state_indices=None, dt_scale: float = 1.0):
     """One token of the recurrence for a batch. state (num_slots, h, p, n) fp32, updated IN PLACE (row i uses slot
-    state_indices[i], or slot i); x (b, h, p); dt (b, h); B, C (b, g, n); z (b, h, p) optional gate.
+    state_indices[i], or slot i); x (b, h, p); dt (b, h), multiplied by dt_scale (in fp32) as it is read; B, C
+    (b, g, n); z (b, h, p) optional gate.
     Returns y (b, h, p) in x's dtype: new_state . C + D x, times silu(z) when z is given."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
@@ -459,7 +461,7 @@ def ssd_step_triton(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softp
     zz = z if z is not None else x
     _step_kernel[(triton.cdiv(p, bp), b, h)](
         state, state_indices, x, dt, A_log, B, C, D, dt_bias, zz, y,
-        h // g, p, n, lo, hi,
+        h // g, p, n, lo, hi, float(dt_scale),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
         BP=bp, BN=bn, HAS_IDX=state_indices is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
         HAS_Z=z is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, INTERP=_INTERPRET, num_warps=warps)
