@@ -162,11 +162,8 @@ class HybridCache:
         if not 1 <= kv_len <= self.capacity:
             raise ValueError(f"kv_len must lie in [1, {self.capacity}], got {kv_len}")
         positions = self.lengths[:, None]
-        keys = torch.arange(kv_len, device=self.device)
-        # additive, in the model dtype, made once per step (SDPA would convert a boolean mask in every layer)
-        hidden = (keys[None, :] > positions)[:, None, None, :]                          # (b, 1, 1, kv_len)
-        attn_mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill(hidden, float("-inf"))
-        return CacheStep(self, positions, positions, kv_len, decoding=True, attn_mask=attn_mask)
+        # No mask: the decode attention reads each row's length (the reference builds its mask from it).
+        return CacheStep(self, positions, positions, kv_len, decoding=True)
 
     def rope_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
         if not self.dynamic_rope:
@@ -185,8 +182,7 @@ class CacheStep:
     positions (b, l): each new token's RoPE position; columns (b, l): its KV column; kv_len: key columns the
     attention reads; decoding: one token per row through the recurrent updates (conv update + SSD step) instead of
     the chunked prefill ops; attn_mask (b, 1, l, kv_len) bool or None (then all rows hold the same columns and the
-    attention is causal, aligned at the bottom right; a decode step's mask is additive, 0 or -inf, in the model
-    dtype)."""
+    attention is causal, aligned at the bottom right; a decode step has none: its attention reads the lengths)."""
 
     cache: HybridCache
     positions: torch.Tensor
@@ -246,7 +242,7 @@ class LayerCache:
         lengths = step.positions[:, 0]
         q = ops.rope_store_decode(q, k, v, cos, sin, key_factor, self.k, self.v, lengths, q_factor=q_factor,
                                   v_factor=v_factor)
-        return ops.decode_attention(q, self.k, self.v, lengths, step.kv_len, scale, step.attn_mask)[:, :, None]
+        return ops.decode_attention(q, self.k, self.v, lengths, step.kv_len, scale)[:, :, None]
 
 
 def _causal_attention(q, keys, values, scale):

@@ -35,26 +35,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                         kv_len: int, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+                         kv_len: int, scale: float) -> torch.Tensor:
     """One query per row over the row's cached columns 0..lengths[i]: q (b, hq, d), caches (b, hk, capacity, d),
-    lengths (b,). mask: the additive (b, 1, 1, kv_len) form of that, if the caller made it once for all layers.
-    The query heads sharing a KV head are laid along the query axis, so each KV head's keys are read once by a plain
-    (no GQA) SDPA call. Returns (b, hq, d)."""
+    lengths (b,). The query heads sharing a KV head are laid along the query axis, so each KV head's keys are read
+    once by a plain (no GQA) SDPA call. Returns (b, hq, d)."""
     b, hq, d = q.shape
     hk = k_cache.shape[1]
-    if mask is None:
-        cols = torch.arange(kv_len, device=q.device)
-        mask = (cols[None, :] <= lengths[:, None])[:, None, None, :]
+    cols = torch.arange(kv_len, device=q.device)
+    mask = (cols[None, :] <= lengths[:, None])[:, None, None, :]                       # (b, 1, 1, kv_len)
     out = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk, d), k_cache[:, :, :kv_len],
                                          v_cache[:, :, :kv_len], attn_mask=mask, scale=scale)
     return out.reshape(b, hq, d)
 
 
-def decode_attention(q, k_cache, v_cache, lengths, kv_len: int, scale: float, mask=None) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, lengths, kv_len: int, scale: float) -> torch.Tensor:
     """decode_attention_ref's result; on CUDA a Triton kernel that reads each row's valid columns only
     (ops/decode_attention_triton.py) takes the call."""
     from .dispatch import kernels_enabled
     if kernels_enabled(q, k_cache, v_cache, lengths) and q.stride(-1) == 1:
         from .decode_attention_triton import decode_attention_triton
         return decode_attention_triton(q, k_cache, v_cache, lengths, kv_len, scale)
-    return decode_attention_ref(q, k_cache, v_cache, lengths, kv_len, scale, mask)
+    return decode_attention_ref(q, k_cache, v_cache, lengths, kv_len, scale)
