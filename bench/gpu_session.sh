@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call that checks and measures what CPU runs cannot: the GPU tests, then the decode and training-step
+# scripts, each under its own time limit so one slow part cannot take the others with it. Logs and JSON lines go to
+# OUT (default runs/gpu). About 8 minutes on an H100; the benchmark harness (bench/run.py) needs calls of its own.
+#
+#     bash bench/gpu_session.sh                 # everything
+#     OUT=$OUT bash bench/gpu_session.sh tests  # one part: tests | decode | train | qlora
+#
+# bitsandbytes (QLoRA) is optional: where it is missing its tests skip and the qlora part says so.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+parts=${1:-tests decode train qlora}
+
+run() {  # run NAME SECONDS COMMAND...: output to OUT/NAME.log, status line to stdout
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "[$name] exit $rc in $((SECONDS - start)) s (limit $limit s): $(tail -n 1 "$OUT/$name.log" | cut -c1-200)"
+}
+
+for part in $parts; do  # (on the CPU every gpu test skips: exit 5, "no tests ran")
+    case $part in
+        tests)
+            run gpu_tests 300 python -m pytest -q -p no:cacheprovider -m gpu -x tests/test_step_graph.py \
+                tests/test_kernels_fused.py tests/test_kernels_decode_attention.py tests/test_generate.py \
+                tests/test_activation_offload.py tests/test_train.py tests/test_quant.py tests/test_gpu_model.py ;;
+        decode)
+            run decode 200 python bench/decode.py --only 0.5B-b1 0.5B-b64 7B-b1 --no-transformers ;;
+        train)
+            run profile_train 150 python bench/profile_train.py ;;
+        qlora)
+            run qlora 100 python bench/qlora_memory.py --steps 2 ;;
+        *)
+            echo "unknown part $part (tests | decode | train | qlora)" >&2
+            exit 2 ;;
+    esac
+done
