@@ -23,7 +23,7 @@ run() {  # run NAME SECONDS COMMAND...: output to OUT/NAME.log, status line to s
     echo "[$name] exit $rc in $((SECONDS - start)) s (limit $limit s): $(tail -n 1 "$OUT/$name.log" | cut -c1-200)"
 }
 
-for part in $parts; do  # (on the CPU every gpu test skips: exit 5, "no tests ran")
+for part in $parts; do
     case $part in
         tests)
             run gpu_tests 300 python -m pytest -q -p no:cacheprovider -m gpu -x tests/test_step_graph.py \
