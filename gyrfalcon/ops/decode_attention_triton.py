@@ -26,7 +26,8 @@ SPLIT_LEN = 1024  # cache columns per program; a context of up to this many runs
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, scale, G, D,
                              sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_s, sm_b, sm_h,
                              SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                             BLOCK_D: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+                             BLOCK_D: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
+                             PARTIAL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -68,7 +69,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, 
         m_i = m_new
     out_mask = g_mask[:, None] & d_mask[None, :]
     o_off = row * so_b + heads[:, None] * so_h + split * so_s + dd[None, :]
-    if m_ptr is None:  # one split: the final output
+    if not PARTIAL:  # one split: the final output
         tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(o_ptr + o_off, acc, mask=out_mask)
@@ -92,9 +93,10 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if splits == 1:
         out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
         _decode_attention_kernel[(b, hk, 1)](
-            q, k_cache, v_cache, lengths, out, None, None, float(scale), group, d,
+            q, k_cache, v_cache, lengths, out, out, out, float(scale), group, d,   # m, l unused (PARTIAL off)
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), 0, 0, 0, **common)
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), 0, 0, 0,
+            PARTIAL=False, **common)
         return out
     partial = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
@@ -103,7 +105,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, lengths, partial, m, s, float(scale), group, d,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), partial.stride(0), partial.stride(1),
-        partial.stride(2), m.stride(0), m.stride(1), **common)
+        partial.stride(2), m.stride(0), m.stride(1), PARTIAL=True, **common)
     # merge: weights exp(m_split - max) (splits past a row's length have m = -inf and weigh 0)
     top = m.amax(dim=-1, keepdim=True)
     w = torch.exp(m - top)
