@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device call that checks and measures what CPU runs cannot: the GPU tests, then the decode and training-step
-# scripts, each under its own time limit so one slow part cannot take the others with it. Logs and JSON lines go to
-# OUT (default runs/gpu). About 9 minutes on an H100; the benchmark harness (bench/run.py) needs calls of its own.
+# What CPU runs cannot check: the GPU tests, then the decode, training-step and QLoRA scripts, each under its own
+# time limit so one slow part cannot take the others with it. Logs and JSON lines go to OUT (default runs/gpu).
+# The limits add up to more than one 10-minute device call: run it as two calls, `tests` then the rest. The
+# benchmark harness (bench/run.py) needs calls of its own.
 #
-#     bash bench/gpu_session.sh                 # everything
-#     OUT=$OUT bash bench/gpu_session.sh tests  # one part: tests | decode | train | qlora
+#     OUT=$OUT bash bench/gpu_session.sh tests                 # call 1 (up to 6 minutes)
+#     OUT=$OUT bash bench/gpu_session.sh "decode train qlora"  # call 2 (up to 7.5 minutes)
 #
 # bitsandbytes (QLoRA) is optional: where it is missing its tests skip and the qlora part says so.
 set -uo pipefail
