@@ -13,7 +13,8 @@ from .rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
 from .ssd import ssd_scan, ssd_scan_ref, ssd_sequential_ref, ssd_step, ssd_step_ref
 
 __all__ = [
-    "attention", "decode_attention", "decode_attention_ref", "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
+    "attention", "decode_attention", "decode_attention_ref",
+    "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
     "kernels_enabled", "use_reference", "causal_lm_loss", "causal_lm_loss_ref",
     "linear_cross_entropy", "shift_labels", "gated_rms_norm",
     "gated_rms_norm_ref", "rms_norm", "rms_norm_ref", "apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq",

@@ -1,4 +1,4 @@
-"""Small fused ops for inference (prefill without gradients, and decoding), each with its pure-PyTorch reference.
+"""Small fused ops, mostly for inference (prefill without gradients, decoding), each with its pure-PyTorch reference.
 
 A decode step at batch 1 is bound by how many kernels it launches, not by what they compute: each decoder layer
 used to run ~41 kernels, most of them elementwise passes over a few thousand values (µP multiplications, residual
@@ -11,11 +11,13 @@ rounding at the end (the references round after every step, as the training path
     swiglu(g, u, gate_multiplier)     u * silu(g * gate_multiplier)     the MLP's gate
     rope_store_decode(q, k, v, cos, sin, key_factor, k_cache, v_cache, positions, q_factor=1, v_factor=1)
         -> q rotated. One token per row: q, k, v times their factors, RoPE on q and k, k and v written into the
-        caches at each row's position. q (b, hq, d), k, v (b, hk, d) (any strides, last dim contiguous), cos, sin (b, d) in the model
-        dtype, k_cache, v_cache (b, hk, capacity, d), positions (b,) int on the device. Returns (b, hq, d).
+        caches at each row's position. q (b, hq, d), k, v (b, hk, d) (any strides, last dim contiguous), cos, sin
+        (b, d) in the model dtype, k_cache, v_cache (b, hk, capacity, d), positions (b,) int on the device.
+        Returns (b, hq, d).
 
 The Triton kernels (fused_triton.py) run on CUDA; where a gradient is needed, only swiglu has a kernel (with its
-backward), the others keep the references (whose backward autograd provides). Shapes of x, m, a, y, g, u: any, equal, contiguous in memory.
+backward), the others keep the references (whose backward autograd provides). Shapes of x, m, a, y, g, u: any,
+equal, contiguous in memory.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, gate_multiplier, BLOCK: tl.constexp
 
 @triton.jit
 def _swiglu_bwd_kernel(g_ptr, u_ptr, dout_ptr, dg_ptr, du_ptr, n, gate_multiplier, BLOCK: tl.constexpr):
-    """out = u * silu(s), s = g * m:  du = dout * silu(s);  dg = dout * u * sigmoid(s) * (1 + s * (1 - sigmoid(s))) * m."""
+    """out = u * silu(s), s = g * m:  du = dout * silu(s);
+    dg = dout * u * sigmoid(s) * (1 + s * (1 - sigmoid(s))) * m."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     s = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gate_multiplier
