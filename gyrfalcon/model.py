@@ -314,6 +314,13 @@ class FalconH1Model(nn.Module):
         return self.final_layernorm(hidden)
 
 
+def check_document_order(seq_idx: torch.Tensor) -> None:
+    """Raise unless seq_idx (b, l) is non-decreasing along each row (documents are contiguous). Reads the result
+    back to the host."""
+    if seq_idx.shape[-1] > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        raise ValueError("seq_idx must be non-decreasing along each row (documents are contiguous)")
+
+
 def positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
     """(b, l) position of each token inside its packed document: 0 at each document's first token."""
     b, l = seq_idx.shape
@@ -513,9 +520,8 @@ class FalconH1ForCausalLM(nn.Module):
                              "needs no padding")
         # Checked on the host, except while a CUDA graph captures the step (no host reads then; the graph's
         # caller, step_graph.GraphedTrainStep, checks each batch it copies in).
-        capturing = seq_idx.is_cuda and torch.cuda.is_current_stream_capturing()
-        if l > 1 and not capturing and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
-            raise ValueError("seq_idx must be non-decreasing along each row (documents are contiguous)")
+        if not (seq_idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            check_document_order(seq_idx)
         return seq_idx.to(torch.int32)
 
     def num_parameters(self) -> int:

@@ -23,13 +23,15 @@ Contract:
 - The first graphed call warms up eagerly (Triton autotuning, cuBLAS workspaces) on a side stream, then captures.
   If capture fails, the error says why and every later call runs eagerly (`self.disabled` holds the reason).
 - `unsupported_reason(model)` says why a model cannot be graphed (not on CUDA, dropout active, dynamic RoPE, ...);
-  GraphedTrainStep on such a model runs eagerly.
+  GraphedTrainStep on such a model (or built with enabled=False) runs eagerly, with the same gradient contract.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .model import check_document_order
 
 
 def graph_blockers(model: nn.Module) -> list[str]:
@@ -61,12 +63,13 @@ class GraphedTrainStep:
     """Forward + chunked cross-entropy + backward of `model` (a FalconH1ForCausalLM, LoRA or not) for batches of
     (batch_size, seq_len), as a CUDA graph. See the module docstring."""
 
-    def __init__(self, model: nn.Module, *, batch_size: int, seq_len: int, warmup: int = 2):
+    def __init__(self, model: nn.Module, *, batch_size: int, seq_len: int, warmup: int = 2, enabled: bool = True):
+        """enabled=False: every call runs eagerly (same gradient contract), `disabled` says so."""
         self.model = model
         self.shape = (batch_size, seq_len)
         self.warmup = warmup
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.disabled: str | None = unsupported_reason(model)
+        self.disabled: str | None = unsupported_reason(model) if enabled else "cuda_graphs: false"
         self.graph: torch.cuda.CUDAGraph | None = None
         self._packed: bool | None = None
         self._static: dict[str, torch.Tensor] = {}
@@ -80,9 +83,7 @@ class GraphedTrainStep:
     @torch.no_grad()
     def zero_grad(self) -> None:
         """Zero every trainable parameter's gradient in place (allocating it on first use)."""
-        missing = [p for p in self.params if p.grad is None]
-        for p in missing:
-            p.grad = torch.zeros_like(p)
+        self._ensure_grads()
         torch._foreach_zero_([p.grad for p in self.params])
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None,
@@ -105,6 +106,10 @@ class GraphedTrainStep:
 
     def _eager(self, input_ids, labels, seq_idx, weight) -> torch.Tensor:
         self._ensure_grads()
+        return self._forward_backward(input_ids, labels, seq_idx, weight)
+
+    def _forward_backward(self, input_ids, labels, seq_idx, weight) -> torch.Tensor:
+        """.grad += d(weight * loss); returns the loss, () fp32. weight: a float, or a () tensor (the graph's)."""
         loss = self.model(input_ids, labels=labels, seq_idx=seq_idx, return_logits=False).loss
         (loss * weight).backward()
         return loss.detach().float()
@@ -116,16 +121,14 @@ class GraphedTrainStep:
 
     def _fill(self, input_ids, labels, seq_idx, weight) -> None:
         if seq_idx is not None:
-            # The model checks seq_idx on every eager call; a replay would skip that check, so it is made here.
-            if seq_idx.shape[1] > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
-                raise ValueError("seq_idx must be non-decreasing along each row (documents are contiguous)")
+            check_document_order(seq_idx)  # the model checks it on every eager call; a replay would not
             self._static["seq_idx"].copy_(seq_idx, non_blocking=True)
         self._static["input_ids"].copy_(input_ids, non_blocking=True)
         self._static["labels"].copy_(labels, non_blocking=True)
         self._static["weight"].fill_(weight)
 
     def _capture(self, input_ids, labels, seq_idx) -> None:
-        device = self.params[0].device if self.params else next(self.model.parameters()).device
+        device = self.model.device
         self._packed = seq_idx is not None
         self._static = {"input_ids": torch.zeros(self.shape, dtype=torch.long, device=device),
                         "labels": torch.zeros(self.shape, dtype=torch.long, device=device),
@@ -167,6 +170,4 @@ class GraphedTrainStep:
 
     def _step_on_static(self) -> torch.Tensor:
         s = self._static
-        loss = self.model(s["input_ids"], labels=s["labels"], seq_idx=s.get("seq_idx"), return_logits=False).loss
-        (loss * s["weight"]).backward()
-        return loss.detach().float()
+        return self._forward_backward(s["input_ids"], s["labels"], s.get("seq_idx"), s["weight"])

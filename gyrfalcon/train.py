@@ -216,11 +216,11 @@ class TrainingLoop:
         if not self.params:
             raise TrainingError("the model has no trainable parameter (attach LoRA adapters, or set requires_grad "
                                 "for full fine-tuning)")
-        self.graph_step = None
-        if config.cuda_graphs and self.device.type == "cuda":
-            self.graph_step = GraphedTrainStep(model, batch_size=config.batch_size, seq_len=config.max_seq_length)
+        # Micro-batches run through one object whether or not they replay a CUDA graph (it says why not).
+        self.graph_step = GraphedTrainStep(model, batch_size=config.batch_size, seq_len=config.max_seq_length,
+                                           enabled=config.cuda_graphs)
         # A graph replays one shape: packed rows (nearly full anyway) are padded to max_seq_length.
-        pad_to = config.max_seq_length if self.graph_step is not None and data.packed else None
+        pad_to = config.max_seq_length if self.graph_step.disabled is None and data.packed else None
         self.train_stream = BatchStream(data.train, batch_size=config.batch_size, seed=config.seed, pad_id=pad_id,
                                         packed=data.packed, pad_to=pad_to)
         self.eval_stream = (BatchStream(data.eval, batch_size=config.batch_size, seed=config.seed, pad_id=pad_id,
@@ -355,19 +355,14 @@ class TrainingLoop:
         batches = self._micro_batches()
         n_targets = sum(b.n_targets for b in batches)
         model.train()
-        self._clear_grads()
+        self.graph_step.zero_grad()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for batch in batches:
             if batch.n_targets == 0:
                 continue
             batch = batch.to(self.device)
             weight = batch.n_targets / n_targets  # token-weighted: accumulation equals one big batch
-            if self.graph_step is not None:
-                loss = self.graph_step(batch.input_ids, batch.labels, batch.seq_idx, weight)
-            else:
-                loss = model(batch.input_ids, labels=batch.labels, seq_idx=batch.seq_idx, return_logits=False).loss
-                (loss * weight).backward()
-            loss_sum += loss.detach().float() * weight
+            loss_sum += self.graph_step(batch.input_ids, batch.labels, batch.seq_idx, weight) * weight
         params = [p for _, p in self.params]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
@@ -381,7 +376,7 @@ class TrainingLoop:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            self._clear_grads()
+            self.graph_step.zero_grad()  # in place: a graph writes to fixed addresses
             self.state.step += 1
             self.state.micro_batches += len(batches)
             self.state.tokens += sum(b.n_tokens for b in batches)
@@ -393,17 +388,8 @@ class TrainingLoop:
         return {"step": self.state.step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": norm,
                 "tokens": self.state.tokens, "trained_tokens": self.state.trained_tokens}
 
-    def _clear_grads(self) -> None:
-        if self.graph_step is not None:
-            self.graph_step.zero_grad()  # in place: the graph writes to fixed addresses
-        else:
-            for _, p in self.params:
-                p.grad = None
-
     def step_mode(self) -> str:
         """How micro-batches run: 'cuda graph', or 'eager' with the reason a graph is not used."""
-        if self.graph_step is None:
-            return "eager" + ("" if self.config.cuda_graphs else " (cuda_graphs: false)")
         if self.graph_step.disabled:
             return f"eager ({self.graph_step.disabled})"
         return "cuda graph" if self.graph_step.graphed else "cuda graph (captured at the first full batch)"
@@ -463,9 +449,8 @@ class TrainingLoop:
             while self.state.step < self.total:
                 tokens_before, started = self.state.tokens, time.perf_counter()
                 record = self.train_step()
-                if first and self.graph_step is not None:  # the graph is captured (or refused) in the first step
+                if first and self.device.type == "cuda":  # the graph is captured (or refused) in the first step
                     self.console.print(f"training step: {self.step_mode()}", markup=False)
-                    self.run_info["train_step"] = self.step_mode()
                 first = False
                 elapsed = time.perf_counter() - started
                 self.state.elapsed_s += elapsed

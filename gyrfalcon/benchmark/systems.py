@@ -43,6 +43,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def eager_train_step(loss: torch.Tensor, optimizer) -> torch.Tensor:
+    """The rest of an eager training step after the forward: backward, optimizer step, gradients dropped.
+    Returns the detached loss."""
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 # ---------------------------------------------------------------------------------------------- gyrfalcon
 class GyrfalconSystem:
     name = "gyrfalcon"
@@ -92,11 +101,7 @@ class GyrfalconSystem:
             step = GraphedTrainStep(model, batch_size=ids.shape[0], seq_len=ids.shape[1])
             self._steps = {id(model): step}  # one graph at a time: its pool holds a step's activations
         if step is None:
-            loss = self.loss(model, ids)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
+            return eager_train_step(self.loss(model, ids), optimizer)
         loss = step(ids, ids)
         optimizer.step()
         step.zero_grad()
@@ -234,11 +239,7 @@ class HFSystem:
 
     def train_step(self, model, optimizer, ids: torch.Tensor, *, graphs: bool = True) -> torch.Tensor:
         """forward + backward + optimizer step, as a transformers + PEFT training loop runs them."""
-        loss = self.loss(model, ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return eager_train_step(self.loss(model, ids), optimizer)
 
     def train_step_info(self, model) -> dict:
         return {"train_step": "eager"}
