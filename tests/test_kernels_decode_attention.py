@@ -9,26 +9,15 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
 from gyrfalcon.ops import decode_attention_triton as kernel  # noqa: E402
+from gyrfalcon.ops.attention import decode_attention_ref  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
-
-
-def reference(q, k_cache, v_cache, lengths, kv_len, scale):
-    """Attention of q (b, hq, d) over columns 0..lengths[i] of each row, in q's dtype (SDPA with a mask)."""
-    b, hq, d = q.shape
-    hk = k_cache.shape[1]
-    cols = torch.arange(kv_len, device=q.device)
-    mask = (cols[None, :] <= lengths[:, None])[:, None, None, :]                       # (b, 1, 1, kv_len)
-    out = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk, d), k_cache[:, :, :kv_len],
-                                         v_cache[:, :, :kv_len], attn_mask=mask, scale=scale)
-    return out.reshape(b, hq, d)
 
 
 @pytest.mark.parametrize("dtype, hq, hk, d, lengths, kv_len, split", [
@@ -47,12 +36,12 @@ def test_decode_attention_matches_reference(dtype, hq, hk, d, lengths, kv_len, s
     lengths = torch.tensor(lengths, device=DEV)
     scale = d ** -0.5 * 1.3
     got = kernel.decode_attention_triton(q, k_cache, v_cache, lengths, kv_len, scale)
-    exact = reference(q.double(), k_cache.double(), v_cache.double(), lengths, kv_len, scale)
+    exact = decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), lengths, kv_len, scale)
     assert got.dtype == dtype and got.shape == (b, hq, d)
     if dtype == torch.float32:
         assert rel_err(got, exact) <= 1e-5
     else:
-        eager = reference(q, k_cache, v_cache, lengths, kv_len, scale)
+        eager = decode_attention_ref(q, k_cache, v_cache, lengths, kv_len, scale)
         assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + BF16_FLOOR
 
 
@@ -67,6 +56,6 @@ def test_gpu_bf16_released_shapes(hq, hk, d):
     v_cache = torch.randn(b, hk, kv_len, d, generator=gen).cuda().bfloat16()
     lengths = torch.tensor([100, 2047, 4095], device="cuda")
     got = kernel.decode_attention_triton(q, k_cache, v_cache, lengths, kv_len, d ** -0.5)
-    exact = reference(q.double(), k_cache.double(), v_cache.double(), lengths, kv_len, d ** -0.5)
-    eager = reference(q, k_cache, v_cache, lengths, kv_len, d ** -0.5)
+    exact = decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), lengths, kv_len, d ** -0.5)
+    eager = decode_attention_ref(q, k_cache, v_cache, lengths, kv_len, d ** -0.5)
     assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + BF16_FLOOR

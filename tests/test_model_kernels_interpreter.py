@@ -5,6 +5,8 @@ token. The dispatch check is patched to accept CPU tensors; tests/conftest.py se
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -12,14 +14,16 @@ pytest.importorskip("triton")
 
 from gyrfalcon import FalconH1Config, FalconH1ForCausalLM  # noqa: E402
 from gyrfalcon.generate import generate  # noqa: E402
-from gyrfalcon.ops import conv, dispatch, fused, norm, ssd  # noqa: E402
+from gyrfalcon.ops import conv, dispatch, fused, norm, rope, ssd  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
 
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
     def patch():
-        for module in (conv, dispatch, fused, norm, ssd):
+        # ops/attention.py by its module path: the package exports a function of that name
+        attention = importlib.import_module("gyrfalcon.ops.attention")
+        for module in (attention, conv, fused, norm, rope, ssd):
             monkeypatch.setattr(module, "kernels_enabled", lambda *tensors: not dispatch.reference_forced())
     return patch
 

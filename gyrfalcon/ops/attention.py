@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import kernels_enabled
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
               key_padding_mask: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
@@ -51,7 +53,6 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def decode_attention(q, k_cache, v_cache, lengths, kv_len: int, scale: float) -> torch.Tensor:
     """decode_attention_ref's result; on CUDA a Triton kernel that reads each row's valid columns only
     (ops/decode_attention_triton.py) takes the call."""
-    from .dispatch import kernels_enabled
     if kernels_enabled(q, k_cache, v_cache, lengths) and q.stride(-1) == 1:
         from .decode_attention_triton import decode_attention_triton
         return decode_attention_triton(q, k_cache, v_cache, lengths, kv_len, scale)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import kernels_enabled
+from .dispatch import KERNEL_DTYPES, kernels_enabled
 
 _KERNEL_MAX_WIDTH = 4  # the Triton kernels keep a 4-slot register window
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the reference (exact checks)
 
 
 def causal_conv1d_ref(x, weight, bias=None, *, activation: str | None = "silu", seq_idx=None, initial_state=None,
@@ -56,7 +55,7 @@ def causal_conv1d(x, weight, bias=None, *, activation: str | None = "silu", seq_
                   return_final_state: bool = False):
     """Dispatching entry: the Triton kernel on CUDA, the reference elsewhere."""
     if (kernels_enabled(x, weight, bias, seq_idx, initial_state) and 2 <= weight.shape[-1] <= _KERNEL_MAX_WIDTH
-            and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES):
+            and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES):
         from .conv_triton import causal_conv1d_triton
         return causal_conv1d_triton(x, weight, bias, activation=activation, seq_idx=seq_idx,
                                     initial_state=initial_state, return_final_state=return_final_state)
@@ -87,8 +86,8 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation: str |
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation: str | None = "silu", state_indices=None):
     """Dispatching entry of the decode step (same contract as `causal_conv1d_update_ref`)."""
-    if kernels_enabled(x, conv_state, weight, bias, state_indices) and x.dtype in _KERNEL_DTYPES \
-            and conv_state.dtype in _KERNEL_DTYPES:
+    if kernels_enabled(x, conv_state, weight, bias, state_indices) and x.dtype in KERNEL_DTYPES \
+            and conv_state.dtype in KERNEL_DTYPES:
         from .conv_triton import causal_conv1d_update_triton
         return causal_conv1d_update_triton(x, conv_state, weight, bias, activation, state_indices)
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, state_indices)

@@ -17,6 +17,9 @@ import torch
 
 _force_reference = False
 
+# Storage dtypes the kernels take; float64 stays on the references (the exact checks).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:

@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import kernels_enabled
-from .rope import _rotate_half
+from .dispatch import KERNEL_DTYPES, kernels_enabled
+from .norm import rms_norm
+from .rope import apply_rope_ref
 
 
 def _inference(*tensors: torch.Tensor) -> bool:
@@ -41,7 +42,6 @@ def residual_mix_ref(x, m, a, s_m: float, s_a: float):
 
 
 def residual_mix_norm_ref(x, m, a, s_m: float, s_a: float, weight, eps: float):
-    from .norm import rms_norm
     new = residual_mix_ref(x, m, a, s_m, s_a)
     return new, rms_norm(new, weight, eps)
 
@@ -57,14 +57,11 @@ def swiglu_ref(g, u, gate_multiplier: float):
 def rope_store_decode_ref(q, k, v, cos, sin, key_factor: float, k_cache, v_cache, positions, q_factor: float = 1.0,
                           v_factor: float = 1.0):
     b = q.shape[0]
-    cos, sin = cos[:, None], sin[:, None]                                         # (b, 1, d)
-    k = k * key_factor
     if q_factor != 1.0:
         q = q * q_factor
     if v_factor != 1.0:
         v = v * v_factor
-    q_rot = q * cos + _rotate_half(q) * sin
-    k_rot = k * cos + _rotate_half(k) * sin
+    q_rot, k_rot = apply_rope_ref(q, k * key_factor, cos, sin)  # (b, h, d) with cos (b, d): one position per row
     rows = torch.arange(b, device=q.device)
     k_cache[rows, :, positions] = k_rot.to(k_cache.dtype)
     v_cache[rows, :, positions] = v.to(v_cache.dtype)
@@ -86,7 +83,7 @@ def residual_mix(x, m, a, s_m: float, s_a: float):
 def residual_mix_norm(x, m, a, s_m: float, s_a: float, weight, eps: float):
     """(x + (m * s_m + a * s_a), rms_norm of that): the decoder layer's mixer residual and the MLP's input norm."""
     if (_inference(x, m, a, weight) and _elementwise_ok(x, m, a) and x.shape[-1] <= 16384
-            and weight.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+            and weight.is_contiguous() and x.dtype in KERNEL_DTYPES):
         from .fused_triton import residual_mix_norm_triton
         return residual_mix_norm_triton(x, m, a, s_m, s_a, weight, eps)
     return residual_mix_norm_ref(x, m, a, s_m, s_a, weight, eps)
@@ -101,7 +98,7 @@ def residual_add(x, y, s: float):
 
 def swiglu(g, u, gate_multiplier: float):
     """u * silu(g * gate_multiplier): one kernel forward and one backward on CUDA (training too)."""
-    if kernels_enabled(g, u) and _elementwise_ok(g, u) and g.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if kernels_enabled(g, u) and _elementwise_ok(g, u) and g.dtype in KERNEL_DTYPES:
         from .fused_triton import SwiGLUFn, swiglu_triton
         if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
             return SwiGLUFn.apply(g, u, gate_multiplier)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import kernels_enabled
+from .dispatch import KERNEL_DTYPES, kernels_enabled
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the reference (exact checks)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -32,7 +31,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Dispatching entry: the fused Triton kernel on CUDA, the reference elsewhere."""
-    if kernels_enabled(x, weight) and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES:
+    if kernels_enabled(x, weight) and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES:
         from .norm_triton import rms_norm_triton
         return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
@@ -60,8 +59,8 @@ def gated_rms_norm(y, z, weight=None, *, eps: float = 1e-5, n_groups: int = 1, n
                    out_dtype: torch.dtype | None = None, z_scale: float = 1.0) -> torch.Tensor:
     """Dispatching entry: the fused Triton kernel on CUDA, the reference elsewhere."""
     out_dtype = out_dtype or z.dtype
-    if kernels_enabled(y, z, weight) and all(t.dtype in _KERNEL_DTYPES for t in (y, z, weight) if t is not None) \
-            and out_dtype in _KERNEL_DTYPES:
+    if kernels_enabled(y, z, weight) and all(t.dtype in KERNEL_DTYPES for t in (y, z, weight) if t is not None) \
+            and out_dtype in KERNEL_DTYPES:
         from .norm_triton import gated_rms_norm_triton
         return gated_rms_norm_triton(y, z, weight, eps=eps, n_groups=n_groups, norm_before_gate=norm_before_gate,
                                      out_dtype=out_dtype, z_scale=z_scale)

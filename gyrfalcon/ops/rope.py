@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .dispatch import KERNEL_DTYPES, kernels_enabled
+
 
 def _default_inv_freq(base: float, dim: int, device=None) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
@@ -90,13 +92,9 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q (b, hq, l, d), k (b, hk, l, d), cos / sin (b, l, d) -> rotated q, k. On CUDA one Triton kernel per tensor,
     forward and backward (rope_triton.py); elsewhere the reference."""
-    from .dispatch import kernels_enabled
-    if (kernels_enabled(q, k, cos, sin) and q.dtype in _KERNEL_DTYPES and k.dtype == q.dtype
+    if (kernels_enabled(q, k, cos, sin) and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype
             and cos.dim() == 3 and cos.shape[0] == q.shape[0] and q.shape[-1] % 2 == 0
             and q.stride(-1) == k.stride(-1) == cos.stride(-1) == 1 and cos.stride() == sin.stride()):
         from .rope_triton import rope_triton
         return rope_triton(q, cos, sin), rope_triton(k, cos, sin)
     return apply_rope_ref(q, k, cos, sin)
-
-
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -84,6 +84,15 @@ def _mm(a, b, DT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _hi(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """The high part of an fp32 x in DT (x rounded to DT), kept in fp32: x - _hi(x) is the low part."""
+    if INTERP:
+        return _rnd(x, DT)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
 def _mm_hl(a, b, DT: tl.constexpr, INTERP: tl.constexpr):
     """a @ b for an fp32 `a` (computed, or a stored fp32 state) and a `b` exact in DT. For 16-bit DT, `a` is split
     into hi + lo parts in DT and multiplied twice: products accurate to ~2^-17 instead of DT's 2^-9 rounding."""
@@ -91,10 +100,7 @@ def _mm_hl(a, b, DT: tl.constexpr, INTERP: tl.constexpr):
         return _mm(a, b, DT, INTERP)
     else:
         a = a.to(tl.float32)
-        if INTERP:
-            hi = _rnd(a, DT)
-        else:
-            hi = a.to(DT).to(tl.float32)
+        hi = _hi(a, DT, INTERP)
         return _mm(hi, b, DT, INTERP) + _mm(a - hi, b, DT, INTERP)
 
 
@@ -105,10 +111,7 @@ def _mm_lh(a, b, DT: tl.constexpr, INTERP: tl.constexpr):
         return _mm(a, b, DT, INTERP)
     else:
         b = b.to(tl.float32)
-        if INTERP:
-            hi = _rnd(b, DT)
-        else:
-            hi = b.to(DT).to(tl.float32)
+        hi = _hi(b, DT, INTERP)
         return _mm(a, hi, DT, INTERP) + _mm(a, b - hi, DT, INTERP)
 
 
