@@ -15,8 +15,8 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 # Logits of about this many (token, vocabulary) entries at a time. A chunk's forward and backward hold ~16 bytes per
 # entry at their peak (the logits in the model dtype, their fp32 copy, softmax, the gradient in fp32 and in the model
-# dtype): 2^25 entries is ~0.5 GiB, i.e. 256 tokens at the 7B's 130K vocabulary, 1024 at the 0.5B's 32K; the
-# GEMMs stay large enough to run near peak (256 x 3072 x 130K). (A fixed 4096 tokens cost ~8 GiB at 7B.)
+# dtype): 2^25 entries is ~0.5 GiB, i.e. 256 tokens at the 7B's 130K vocabulary, 1024 at the 0.5B's 32K, while the
+# GEMMs stay large (256 x 3072 x 130K). By the same count a fixed 4096 tokens held ~8 GiB at 7B (not measured).
 CHUNK_ENTRIES = 2 ** 25
 MIN_CHUNK_TOKENS = 128
 
