@@ -39,8 +39,8 @@ def test_model_loss_without_logits_matches():
 
 
 def test_bf16_odd_vocabulary_within_eager_error():
-    """bf16 with an odd vocabulary (the logits and their gradient live in row-aligned buffers): the loss and
-    gradients are as close to float64 as eager bf16 (full logits, cross_entropy in fp32) is, within 2x."""
+    """bf16 with an odd vocabulary (row-aligned buffers; the last v mod 16 rows in a product of their own): the
+    loss and gradients are as close to float64 as eager bf16 (full logits, cross_entropy in fp32) is, within 2x."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(45, 32, generator=gen).to(torch.bfloat16)
     weight = (torch.randn(101, 32, generator=gen) * 0.3).to(torch.bfloat16)
