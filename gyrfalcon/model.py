@@ -94,19 +94,25 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
 
     def _decode(self, x, cos, sin, cache: LayerCache):
-        """One token per row: RoPE, the µP factors and the cache writes in one fused op, then attention. Without
-        biases the projections are linear, so the input factor a is applied to their outputs inside that op (q and
-        v times a, k times a * key_multiplier) rather than in a pass of its own over x."""
+        """One token per row: the projections (with an input bias, after the input factor), then decode_attend."""
         b = x.shape[0]
         a = self.in_multiplier
         if self.q_proj.bias is not None or self.k_proj.bias is not None or self.v_proj.bias is not None:
             x, a = x * a, 1.0
-        o = cache.decode_attend(self.q_proj(x).view(b, self.num_heads, self.head_dim),
-                                self.k_proj(x).view(b, self.num_kv_heads, self.head_dim),
-                                self.v_proj(x).view(b, self.num_kv_heads, self.head_dim),
-                                cos[:, 0], sin[:, 0], q_factor=a, key_factor=a * self.key_multiplier, v_factor=a,
-                                scale=self.head_dim ** -0.5)
+        o = self.decode_attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache, a)
         return self.o_proj(o.reshape(b, 1, -1))
+
+    def decode_attend(self, q, k, v, cos, sin, cache: LayerCache, in_factor: float) -> torch.Tensor:
+        """A decode step's attention from the projections q (b, [1,] hq * d), k, v (b, [1,] hk * d) (last dim
+        contiguous): RoPE, the µP factors and the cache writes in one fused op, then attention. Without biases the
+        projections are linear, so the input factor a (in_factor) is applied to their outputs inside that op (q and
+        v times a, k times a * key_multiplier) rather than in a pass of its own over x. Returns (b, hq, 1, d)."""
+        b = q.shape[0]
+        return cache.decode_attend(q.view(b, self.num_heads, self.head_dim),
+                                   k.view(b, self.num_kv_heads, self.head_dim),
+                                   v.view(b, self.num_kv_heads, self.head_dim),
+                                   cos[:, 0], sin[:, 0], q_factor=in_factor, key_factor=in_factor * self.key_multiplier,
+                                   v_factor=in_factor, scale=self.head_dim ** -0.5)
 
 
 class MambaMixer(nn.Module):
@@ -132,17 +138,20 @@ class MambaMixer(nn.Module):
                 seq_idx: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         """With a cache: a prefill continues from and updates its conv / SSM states; a decode step (one token per
         row) runs the recurrent updates in place."""
-        b, l, _ = x.shape
-        cfg = self.config
-        s_z, s_x, s_b, s_c, s_dt = cfg.ssm_multipliers
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)
-        if self.in_proj.bias is None:
-            # in_proj is linear: its input factor joins the per-block µP factors below (no pass over x)
-            zxbcdt = self.in_proj(x)
-            s_z, s_x, s_b, s_c, s_dt = (m * self.ssm_in_multiplier for m in cfg.ssm_multipliers)
-        else:
-            zxbcdt = self.in_proj(x * self.ssm_in_multiplier)
+        # with no in_proj bias, in_proj is linear: its input factor joins the per-block µP factors (block_factors)
+        zxbcdt = self.in_proj(x) if self.in_proj.bias is None else self.in_proj(x * self.ssm_in_multiplier)
+        return self.out_proj(self.mix(zxbcdt, padding_mask, seq_idx, cache))
+
+    def mix(self, zxbcdt: torch.Tensor, padding_mask: torch.Tensor | None = None,
+            seq_idx: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        """in_proj's output (b, l, in_proj_size) (any row stride, last dim contiguous) -> the gated SSM output
+        (b, l, d_ssm) that out_proj takes. The µP factors of the z, x, B, C and dt blocks cost no pass: x, B, C go
+        into the conv weight, z into the gated norm, dt into the scan or step."""
+        b, l, _ = zxbcdt.shape
+        cfg = self.config
+        s_z, s_x, s_b, s_c, s_dt = self.block_factors()
         z, xbc, dt = zxbcdt.split([self.d_ssm, cfg.conv_dim, self.n_heads], dim=-1)
         if padding_mask is not None:
             # Zero padding before the conv too: with in_proj bias, padding would otherwise leak into real tokens.
@@ -164,10 +173,9 @@ class MambaMixer(nn.Module):
                              B.view(b, l, self.n_groups, self.d_state), C.view(b, l, self.n_groups, self.d_state),
                              self.D, self.dt_bias, chunk_size=cfg.mamba_chunk_size, dt_limit=cfg.time_step_limit,
                              seq_idx=seq_idx)
-        y = ops.gated_rms_norm(y.reshape(b, l, self.d_ssm), z, self.norm.weight if cfg.mamba_rms_norm else None,
-                               eps=cfg.rms_norm_eps, n_groups=self.n_groups,
-                               norm_before_gate=cfg.mamba_norm_before_gate, out_dtype=x.dtype, z_scale=s_z)
-        return self.out_proj(y)
+        return ops.gated_rms_norm(y.reshape(b, l, self.d_ssm), z, self.norm.weight if cfg.mamba_rms_norm else None,
+                                  eps=cfg.rms_norm_eps, n_groups=self.n_groups,
+                                  norm_before_gate=cfg.mamba_norm_before_gate, out_dtype=zxbcdt.dtype, z_scale=s_z)
 
     def block_factors(self) -> list[float]:
         """The µP factors of in_proj's z, x, B, C and dt blocks as forward applies them: with no in_proj bias, the
@@ -248,6 +256,8 @@ class DecoderLayer(nn.Module):
         self.ssm_out_multiplier = config.ssm_out_multiplier
 
     def forward(self, x, cos, sin, padding_mask=None, seq_idx=None, cache: LayerCache | None = None):
+        if cache is not None and cache.decoding and self._skinny_decode_ok(x):
+            return self._skinny_decode(x, cos, sin, cache)
         h = self.input_layernorm(x)
         mamba_out = self.mamba(h, padding_mask, seq_idx, cache)
         attn_out = self.self_attn(h, cos, sin, padding_mask, seq_idx, cache)  # applies attention_in itself
@@ -257,6 +267,37 @@ class DecoderLayer(nn.Module):
         x, h = ops.residual_mix_norm(x, mamba_out, attn_out, self.ssm_out_multiplier, self.attention_out_multiplier,
                                      norm.weight, norm.eps)
         return ops.residual_add(x, self.feed_forward.unscaled(h), self.feed_forward.down_multiplier)
+
+    def _projections(self) -> tuple[nn.Module, ...]:
+        attn, mamba, mlp = self.self_attn, self.mamba, self.feed_forward
+        return (mamba.in_proj, attn.q_proj, attn.k_proj, attn.v_proj, mamba.out_proj, attn.o_proj, mlp.gate_proj,
+                mlp.up_proj, mlp.down_proj)
+
+    def _skinny_decode_ok(self, x: torch.Tensor) -> bool:
+        """The fused few-row path takes plain bias-free projections (not LoRA or 4-bit layers: those keep the
+        module path) where ops.skinny's kernels run."""
+        projections = self._projections()
+        return (all(type(p) is nn.Linear and p.bias is None for p in projections)
+                and ops.skinny_ok(x[:, 0], *(p.weight for p in projections)))
+
+    def _skinny_decode(self, x, cos, sin, cache: LayerCache) -> torch.Tensor:
+        """A decode step of a few rows, x (b, 1, hidden), in 11 kernels instead of 18: in_proj, q, k and v in one
+        product of the normed input; out_proj and o_proj (with their µP factors) added into the residual by one;
+        the gate and up products with SwiGLU in one; down_proj into the residual in one (ops/skinny.py). Each
+        weight is read once, at memory speed; the Mamba and attention steps between them are the module path's."""
+        attn, mamba, mlp = self.self_attn, self.mamba, self.feed_forward
+        h = self.input_layernorm(x)[:, 0]
+        proj = ops.multi_linear(h, [mamba.in_proj.weight, attn.q_proj.weight, attn.k_proj.weight,
+                                    attn.v_proj.weight])
+        zxbcdt, q, k, v = proj.split([mamba.in_proj.out_features, attn.q_proj.out_features,
+                                      attn.k_proj.out_features, attn.v_proj.out_features], dim=-1)
+        y = mamba.mix(zxbcdt[:, None], cache=cache)[:, 0]
+        o = attn.decode_attend(q, k, v, cos, sin, cache, attn.in_multiplier).reshape(x.shape[0], -1)
+        x = ops.dual_linear_residual(x[:, 0], y, mamba.out_proj.weight, self.ssm_out_multiplier, o,
+                                     attn.o_proj.weight, self.attention_out_multiplier)
+        u = ops.linear_swiglu(self.pre_ff_layernorm(x), mlp.gate_proj.weight, mlp.up_proj.weight,
+                              mlp.gate_multiplier)
+        return ops.linear_residual(x, u, mlp.down_proj.weight, mlp.down_multiplier)[:, None]
 
 
 class FalconH1Model(nn.Module):

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from gyrfalcon import FalconH1Config, FalconH1ForCausalLM  # noqa: E402
 from gyrfalcon.generate import generate  # noqa: E402
-from gyrfalcon.ops import conv, dispatch, fused, norm, rope, ssd  # noqa: E402
+from gyrfalcon.ops import conv, dispatch, fused, norm, rope, skinny, ssd  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def kernels_on_cpu(monkeypatch):
     def patch():
         # ops/attention.py by its module path: the package exports a function of that name
         attention = importlib.import_module("gyrfalcon.ops.attention")
-        for module in (attention, conv, fused, norm, rope, ssd):
+        for module in (attention, conv, fused, norm, rope, skinny, ssd):
             monkeypatch.setattr(module, "kernels_enabled", lambda *tensors: not dispatch.reference_forced())
     return patch
 
@@ -40,6 +40,32 @@ def test_kernel_path_equals_reference_path(kernels_on_cpu):
         out = generate(model, prompt, max_new_tokens=5, temperature=0, eos_token_id=[], cuda_graphs=False)
     assert rel_err(logits, ref_logits) <= 1e-5
     assert out.sequences.tolist() == ref.sequences.tolist()
+
+
+def test_decode_step_logits_kernel_path_equals_reference_path(kernels_on_cpu):
+    """Three decode steps' logits (fused few-row products, fused RoPE + KV store, decode attention, conv update, SSD
+    step) against the reference path's, each path with its own cache after the same prefill."""
+    from gyrfalcon.cache import HybridCache
+
+    config = FalconH1Config.from_preset("tiny", num_hidden_layers=2)
+    model = FalconH1ForCausalLM.from_config(config, dtype=torch.float32, device="cpu", seed=6).eval()
+    prompt = torch.randint(3, config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(3, config.vocab_size, (3, 3), generator=torch.Generator().manual_seed(2))
+
+    def decode_logits():
+        cache = HybridCache.for_model(model, 3, 16)
+        model(prompt, cache=cache, logits_to_keep=1)
+        out = []
+        for t in range(tokens.shape[1]):
+            out.append(model.decode_step(tokens[:, t], cache, prompt.shape[1] + t + 1))
+            cache.advance_host(1)
+        return torch.stack(out, 1)
+
+    with torch.no_grad():
+        ref = decode_logits()
+        kernels_on_cpu()
+        got = decode_logits()
+    assert rel_err(got, ref) <= 1e-5
 
 
 def test_training_step_kernel_path_equals_reference_path(kernels_on_cpu):

@@ -10,6 +10,7 @@ from .fused import residual_add, residual_mix, residual_mix_norm, rope_store_dec
 from .loss import causal_lm_loss, causal_lm_loss_ref, linear_cross_entropy, shift_labels
 from .norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
+from .skinny import dual_linear_residual, linear_residual, linear_swiglu, multi_linear, skinny_ok
 from .ssd import ssd_scan, ssd_scan_ref, ssd_sequential_ref, ssd_step, ssd_step_ref
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "gated_rms_norm_ref", "rms_norm", "rms_norm_ref", "apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq",
     "ssd_scan", "ssd_scan_ref", "ssd_sequential_ref", "ssd_step", "ssd_step_ref",
     "residual_add", "residual_mix", "residual_mix_norm", "rope_store_decode", "swiglu",
+    "dual_linear_residual", "linear_residual", "linear_swiglu", "multi_linear", "skinny_ok",
 ]

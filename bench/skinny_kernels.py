@@ -1,0 +1,120 @@
+"""Benchmark: the few-row product kernels of a decode step (gyrfalcon/ops/skinny.py) against cuBLAS doing the same
+products one projection at a time (torch.nn.functional.linear, plus the elementwise glue the kernel fuses), at the
+0.5B and 7B layer shapes, batch 1 (and 4).
+
+    python bench/skinny_kernels.py [--shapes 0.5B 7B] [--rows 1 4] [--configs]
+
+One JSON line per (shape, op, rows): time of the fused kernel and of the cuBLAS sequence (CUDA graphs of 20
+repetitions, so launch gaps count as they do in the decode loop's graph), the weight bytes read, the achieved
+bandwidth and its share of the H100's 3.35 TB/s, and the autotuner's pick. --configs also times every config of
+skinny_triton.CONFIGS on each op (to choose the list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gyrfalcon import FalconH1Config
+from gyrfalcon.ops import skinny, skinny_triton
+
+HBM = 3.35e12
+
+
+def graph_time(fn, reps: int = 20, rounds: int = 5) -> float:
+    """Seconds per call of fn, replayed from a CUDA graph of `reps` calls (best of `rounds` replays)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
+def layer_ops(cfg: FalconH1Config, rows: int):
+    """(name, fused call, cuBLAS sequence, weight bytes) for the four fused products of a decoder layer."""
+    dev, dt = "cuda", torch.bfloat16
+
+    def w(n, k):
+        return torch.randn(n, k, device=dev, dtype=dt) * k ** -0.5
+
+    hid = cfg.hidden_size
+    qd, kd = cfg.num_attention_heads * cfg.attn_head_dim, cfg.num_key_value_heads * cfg.attn_head_dim
+    w_in, w_q, w_k, w_v = w(cfg.in_proj_size, hid), w(qd, hid), w(kd, hid), w(kd, hid)
+    w_out, w_o = w(hid, cfg.d_ssm), w(hid, qd)
+    w_g, w_u, w_d = w(cfg.intermediate_size, hid), w(cfg.intermediate_size, hid), w(hid, cfg.intermediate_size)
+    x = torch.randn(rows, hid, device=dev, dtype=dt)
+    y, o = torch.randn(rows, cfg.d_ssm, device=dev, dtype=dt), torch.randn(rows, qd, device=dev, dtype=dt)
+    u = torch.randn(rows, cfg.intermediate_size, device=dev, dtype=dt)
+    ins = [w_in, w_q, w_k, w_v]
+
+    def nbytes(*ws):
+        return sum(t.numel() * t.element_size() for t in ws)
+
+    return [
+        ("in_q_k_v", lambda: skinny.multi_linear(x, ins), lambda: [F.linear(x, t) for t in ins], nbytes(*ins)),
+        ("out_o_residual", lambda: skinny.dual_linear_residual(x, y, w_out, 0.5, o, w_o, 0.7),
+         lambda: x + (F.linear(y, w_out) * 0.5 + F.linear(o, w_o) * 0.7), nbytes(w_out, w_o)),
+        ("gate_up_swiglu", lambda: skinny.linear_swiglu(x, w_g, w_u, 0.8),
+         lambda: F.linear(x, w_u) * F.silu(F.linear(x, w_g) * 0.8), nbytes(w_g, w_u)),
+        ("down_residual", lambda: skinny.linear_residual(x, u, w_d, 0.9), lambda: x + F.linear(u, w_d) * 0.9,
+         nbytes(w_d)),
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["0.5B", "7B"])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--configs", action="store_true", help="also time every config of skinny_triton.CONFIGS")
+    args = parser.parse_args(argv)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for shape in args.shapes:
+        cfg = FalconH1Config.from_preset(shape)
+        for rows in args.rows:
+            for name, fused, cublas, nbytes in layer_ops(cfg, rows):
+                start = time.perf_counter()
+                fused()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                t_fused, t_cublas = graph_time(fused), graph_time(cublas)
+                record = {"bench": "skinny_kernels", "shape": shape, "op": name, "rows": rows,
+                          "weight_bytes": nbytes, "fused_us": t_fused * 1e6, "cublas_us": t_cublas * 1e6,
+                          "speedup": t_cublas / t_fused, "fused_hbm_share": nbytes / t_fused / HBM,
+                          "cublas_hbm_share": nbytes / t_cublas / HBM, "first_call_s": first, **env}
+                if args.configs:
+                    record["configs"] = time_configs(fused)
+                print(json.dumps(record), flush=True)
+    return 0
+
+
+def time_configs(fused) -> dict:
+    """Time the op under each config alone (the autotuner's list restricted to one entry at a time)."""
+    kernels = (skinny_triton._multi_kernel, skinny_triton._pair_kernel)
+    saved = [(k.configs, dict(k.cache)) for k in kernels]
+    out = {}
+    try:
+        for config in skinny_triton._configs():
+            for k in kernels:
+                k.configs, k.cache = [config], {}
+            out[str(config)] = graph_time(fused) * 1e6
+    finally:
+        for k, (configs, cache) in zip(kernels, saved):
+            k.configs, k.cache = configs, cache
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Triton kernels of ops/skinny.py: products of a few rows (a decode step's batch, M <= 4) with weight matrices, read
+at memory speed, with the decoder layer's glue (µP factors, SwiGLU, residual adds) in their epilogues.
+
+A decode step at batch 1 reads every weight once and computes next to nothing, so each product is a pass over its
+weight: cuBLAS runs one kernel per projection (nine per layer) at 60-70% of the bandwidth, and the small ones are
+launch-bound. Here each program owns BLOCK_N weight rows and walks their full K in BLOCK_K tiles, multiplying in
+fp32 on the CUDA cores (no tensor-core tile to pad M to), many small programs per SM keeping enough loads in flight.
+
+    _multi_kernel: out (M, n0+n1+n2+n3) = x @ [w0; w1; w2; w3].T, four weights of equal K in one launch (a
+        segment's rows never share a program with another's); unused segments have n = 0.
+    _pair_kernel: out (M, N) = epilogue of a = x1 @ w1.T and, optionally, b = x2 @ w2.T:
+        SUM:    res + s1 a + s2 b        (res, b optional)
+        SWIGLU: b * silu(s1 a)           (x2 is x1: the gate and up rows of one program)
+All accumulation in fp32, one rounding to out's dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .ssd_triton import _INTERPRET, _bound
+
+MODE_SUM = 0
+MODE_SWIGLU = 1
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages); autotuned per (M, N, K) on the first call of each shape.
+CONFIGS = [(4, 512, 4, 3), (8, 256, 4, 4), (2, 1024, 4, 3), (8, 512, 8, 3), (16, 128, 4, 4)]
+
+
+def _configs():
+    if _INTERPRET:  # the CPU interpreter: one small config (odd K and N still cross tile edges)
+        return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 16})]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in CONFIGS]
+
+
+@triton.jit
+def _rows_dot(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32: x[m, :K] . w[rows[n], :K], zero for m >= M or rows >= N."""
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    row_mask = rows < N
+    m_mask = m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
+    for k0 in range(0, _bound(K, INTERP), BLOCK_K):
+        k = k0 + kk
+        k_mask = k < K
+        w = tl.load(w_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return tl.sum(acc, axis=2)
+
+
+@triton.autotune(configs=_configs(), key=["M", "n0", "n1", "K"])
+@triton.jit
+def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, n3,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    pid = tl.program_id(0)
+    b1 = tl.cdiv(n0, BLOCK_N)
+    b2 = b1 + tl.cdiv(n1, BLOCK_N)
+    b3 = b2 + tl.cdiv(n2, BLOCK_N)
+    # the segment of this program: its weight, row count, first output column and row block within it
+    if pid < b1:
+        w, n, col, blk = w0, n0, n0 * 0, pid
+    elif pid < b2:
+        w, n, col, blk = w1, n1, n0, pid - b1
+    elif pid < b3:
+        w, n, col, blk = w2, n2, n0 + n1, pid - b2
+    else:
+        w, n, col, blk = w3, n3, n0 + n1 + n2, pid - b3
+    rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _rows_dot(x_ptr, sx_m, w, K, M, n, K, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    m = tl.arange(0, BLOCK_M)
+    mask = (m < M)[:, None] & (rows < n)[None, :]
+    tl.store(out_ptr + m[:, None] * so_m + col + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2"])
+@triton.jit
+def _pair_kernel(x1_ptr, sx1, w1_ptr, K1, x2_ptr, sx2, w2_ptr, K2, res_ptr, sr_m, out_ptr, so_m, M, N, s1, s2,
+                 MODE: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_RES: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    mask = (m < M)[:, None] & (rows < N)[None, :]
+    a = _rows_dot(x1_ptr, sx1, w1_ptr, K1, M, N, K1, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    if MODE == 1:  # SWIGLU: b * silu(s1 a), b from the same input rows
+        b = _rows_dot(x1_ptr, sx1, w2_ptr, K1, M, N, K1, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+        g = a * s1
+        out = b * g / (1.0 + tl.exp(-g))
+    else:
+        out = a * s1
+        if HAS_SECOND:
+            out += _rows_dot(x2_ptr, sx2, w2_ptr, K2, M, N, K2, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP) * s2
+        if HAS_RES:
+            out += tl.load(res_ptr + m[:, None] * sr_m + rows[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m[:, None] * so_m + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def multi_linear_triton(x, weights, out):
+    """out (M, sum N_i) = x (M, K) @ cat(weights).T; up to four weights (N_i, K), each row-contiguous."""
+    ws = list(weights) + [weights[0]] * (4 - len(weights))
+    ns = [w.shape[0] for w in weights] + [0] * (4 - len(weights))
+    m, k = x.shape
+
+    def grid(meta):
+        return (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)
+
+    _multi_kernel[grid](x, x.stride(0), out, out.stride(0), m, k, *ws, *ns, BLOCK_M=triton.next_power_of_2(m),
+                        INTERP=_INTERPRET)
+    return out
+
+
+def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int):
+    m, k1 = x1.shape
+    n = w1.shape[0]
+    second = x2 is not None
+    k2 = x2.shape[1] if second else 0
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _pair_kernel[grid](x1, x1.stride(0), w1, k1, x2 if second else x1, x2.stride(0) if second else 0,
+                       w2 if w2 is not None else w1, k2, res if res is not None else out,
+                       res.stride(0) if res is not None else 0, out, out.stride(0), m, n, float(s1), float(s2),
+                       MODE=mode, HAS_SECOND=second or mode == MODE_SWIGLU, HAS_RES=res is not None,
+                       BLOCK_M=triton.next_power_of_2(m), INTERP=_INTERPRET)
+    return out
