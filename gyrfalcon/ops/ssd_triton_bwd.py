@@ -401,11 +401,16 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
+# Programs the row/col kernels aim for, in SM counts: each walks its heads serially, so more, shorter programs hide
+# latency better, at the cost of more fp32 partials of dB/dC to sum (bench/ssd_head_splits.py chooses it).
+HEAD_SPLIT_WAVES = 1
+
+
 def _head_splits(pr: _Problem, device: torch.device) -> int:
-    """How many head splits the row/col kernels use: enough programs for about one wave on the GPU (more splits mean
-    more fp32 partials of dB/dC to sum), never more than the heads of a group."""
+    """How many head splits the row/col kernels use: enough programs for HEAD_SPLIT_WAVES waves on the GPU, never
+    more than the heads of a group."""
     programs = pr.b * pr.nc * pr.g * max(1, pr.Q // 32)
-    return max(1, min(pr.hpg, triton.cdiv(_sm_count(device), programs)))
+    return max(1, min(pr.hpg, triton.cdiv(_sm_count(device) * HEAD_SPLIT_WAVES, programs)))
 
 
 def ssd_backward(pr: _Problem, dy, dfinal, x, dt, A_log, B, C, D, dt_bias, initial_state, seq_idx, states):
