@@ -6,8 +6,8 @@ products one projection at a time (torch.nn.functional.linear, plus the elementw
 
 One JSON line per (shape, op, rows): time of the fused kernel and of the cuBLAS sequence (CUDA graphs of 20
 repetitions, so launch gaps count as they do in the decode loop's graph), the weight bytes read, the achieved
-bandwidth and its share of the H100's 3.35 TB/s, and the autotuner's pick. --configs also times every config of
-skinny_triton.CONFIGS on each op (to choose the list).
+bandwidth as a share of the H100's 3.35 TB/s, and the first call's seconds (autotuning). --configs also times
+every config of skinny_triton.CONFIGS on each op (to choose the list).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ with its pure-PyTorch reference. Inference only (no gradient).
         (N_i, K): a decoder layer's in_proj, q_proj, k_proj and v_proj read the same normed input
     dual_linear_residual(res, x1, w1, s1, x2, w2, s2)   res + s1 x1 @ w1.T + s2 x2 @ w2.T -> (M, N)
         the Mamba out_proj and attention o_proj into the residual, with their µP factors
-    linear_residual(res, x, w, s)                 res + s x @ w.T                              down_proj into the residual
+    linear_residual(res, x, w, s)                 res + s x @ w.T            down_proj into the residual
     linear_swiglu(x, w_gate, w_up, gate_multiplier)   (x @ w_up.T) * silu(gate_multiplier x @ w_gate.T)
 
 Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels (skinny_triton.py) run

@@ -403,7 +403,7 @@ def _sm_count(device: torch.device) -> int:
 
 # Programs the row/col kernels aim for, in SM counts: each walks its heads serially, so more, shorter programs hide
 # latency better, at the cost of more fp32 partials of dB/dC to sum (bench/ssd_head_splits.py chooses it).
-HEAD_SPLIT_WAVES = 2  # H100, fwd+bwd: 0.5B b4x2K 2.03 -> 1.79 ms, 7B 2K 1.92 -> 1.80 ms, 8K 3.42 -> 3.39 (4 and 8 slower)
+HEAD_SPLIT_WAVES = 2  # H100 fwd+bwd: 0.5B b4x2K 2.03 -> 1.79 ms, 7B 2K 1.92 -> 1.80, 8K 3.42 -> 3.39 (4, 8 slower)
 
 
 def _head_splits(pr: _Problem, device: torch.device) -> int:
