@@ -53,43 +53,35 @@ def _padded(rows: int, cols: int, like: torch.Tensor, dtype: torch.dtype) -> tor
     return torch.empty(rows, stride, dtype=dtype, device=like.device)[:, :cols]
 
 
-def _vocab_split(v: int) -> int:
-    """The vocabulary rows that GEMMs take in one aligned piece: v rounded down to ALIGN. An odd vocabulary as the
-    GEMM's contiguous dimension also drops cuBLAS to its unaligned kernels (measured: 45 of a 310 ms 7B step with
-    the row-aligned buffers alone), so the last v mod ALIGN rows go through a second, tiny product."""
-    return v // ALIGN * ALIGN
+def _vocab_pieces(v: int) -> list[slice]:
+    """The vocabulary rows the GEMMs take piece by piece: the first v rounded down to ALIGN, then the rest (one
+    piece where v is a multiple of ALIGN, or smaller). An odd vocabulary as the GEMM's contiguous dimension also drops
+    cuBLAS to its unaligned kernels (measured: 45 of a 310 ms 7B step with the row-aligned buffers alone), so the
+    last v mod ALIGN rows go through a second, tiny product."""
+    va = v // ALIGN * ALIGN
+    return [slice(0, v)] if va in (0, v) else [slice(0, va), slice(va, v)]
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h (rows, d) @ weight (v, d).T in h's dtype, written into a row-aligned buffer."""
-    v = weight.shape[0]
-    out = _padded(h.shape[0], v, h, h.dtype)
-    va = _vocab_split(v)
-    if va == 0 or va == v:
-        return torch.mm(h, weight.T, out=out)
-    torch.mm(h, weight[:va].T, out=out[:, :va])
-    torch.mm(h, weight[va:].T, out=out[:, va:])
+    out = _padded(h.shape[0], weight.shape[0], h, h.dtype)
+    for piece in _vocab_pieces(weight.shape[0]):
+        torch.mm(h, weight[piece].T, out=out[:, piece])
     return out
 
 
 def _grad_hidden(g: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """out (rows, d) = g (rows, v) @ weight (v, d), the vocabulary (the reduction) split as in _chunk_logits."""
-    va = _vocab_split(weight.shape[0])
-    if va == 0 or va == weight.shape[0]:
-        torch.mm(g, weight, out=out)
-        return
-    torch.mm(g[:, :va], weight[:va], out=out)
-    out.addmm_(g[:, va:], weight[va:])
+    """out (rows, d) = g (rows, v) @ weight (v, d), the vocabulary (the reduction) in _vocab_pieces."""
+    first, *rest = _vocab_pieces(weight.shape[0])
+    torch.mm(g[:, first], weight[first], out=out)
+    for piece in rest:
+        out.addmm_(g[:, piece], weight[piece])
 
 
 def _add_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_w (v, d) += g (rows, v).T @ h (rows, d), the vocabulary split as in _chunk_logits."""
-    va = _vocab_split(grad_w.shape[0])
-    if va == 0 or va == grad_w.shape[0]:
-        grad_w += (g.T @ h).to(grad_w.dtype)
-        return
-    grad_w[:va] += (g[:, :va].T @ h).to(grad_w.dtype)
-    grad_w[va:] += (g[:, va:].T @ h).to(grad_w.dtype)
+    """grad_w (v, d) += g (rows, v).T @ h (rows, d), the vocabulary in _vocab_pieces."""
+    for piece in _vocab_pieces(grad_w.shape[0]):
+        grad_w[piece] += (g[:, piece].T @ h).to(grad_w.dtype)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
