@@ -51,6 +51,11 @@ def test_decode_attention_matches_reference(dtype, hq, hk, d, lengths, kv_len, s
         assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + BF16_FLOOR
 
 
+def gpu_with(sms: int):
+    """A stand-in for ops.dispatch.sm_count: `sms` SMs on a CUDA device, the default elsewhere."""
+    return lambda device, cpu_default: sms if device.type == "cuda" else cpu_default
+
+
 @pytest.mark.parametrize("b, hk, kv_len, expected", [
     (1, 2, 768, (12, 64)),          # 0.5B at batch 1: one 64-column block per program, 24 programs
     (64, 2, 768, (3, 256)),         # 128 programs already: 3 splits reach 2 per SM
@@ -63,7 +68,7 @@ def test_decode_attention_matches_reference(dtype, hq, hk, d, lengths, kv_len, s
     (1, 2, 131072, (128, 1024)),    # long context: the SPLIT_LEN cap, not the grid, sets the count
 ])
 def test_split_plan_h100(b, hk, kv_len, expected, monkeypatch):
-    monkeypatch.setattr(kernel, "_sm_counts", {0: 132})       # an H100's SMs, without needing one
+    monkeypatch.setattr(kernel, "sm_count", gpu_with(132))      # an H100's SMs, without needing one
     assert kernel.split_plan(b, hk, kv_len, torch.device("cuda", 0)) == expected
 
 
@@ -75,7 +80,7 @@ def test_split_plan_contract(sms, monkeypatch):
     function of (b, hk, kv_len, device) alone."""
     device = torch.device("cpu")
     if sms is not None:
-        monkeypatch.setattr(kernel, "_sm_counts", {0: sms})
+        monkeypatch.setattr(kernel, "sm_count", gpu_with(sms))
         device = torch.device("cuda", 0)
     target = kernel._target_programs(device)
     for b in (1, 2, 3, 8, 64, 200):

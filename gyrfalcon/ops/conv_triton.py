@@ -21,12 +21,13 @@ Launch shapes come from `default_launch` (no autotuning: one compile per shape c
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .dispatch import sm_count
 
 WINDOW = 4  # register window slots: inputs t-3 .. t
 
@@ -45,13 +46,6 @@ class ConvLaunch:
                              f"of 2: {self}")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the CPU interpreter (tests)
-
-
 def default_launch(b: int, l: int, d: int, device: torch.device, backward: bool = False) -> ConvLaunch:
     """256 channels per program (a 512-byte bf16 row segment per token) and the longest token chunk that still gives
     every SM about eight programs (shorter chunks only add halo re-reads). Forward: one warp, 8 channels (16 bytes)
@@ -59,7 +53,7 @@ def default_launch(b: int, l: int, d: int, device: torch.device, backward: bool 
     weight-gradient accumulators), so it spreads the channels over twice the threads."""
     block_d = 256 if d > 128 else triton.next_power_of_2(max(d, 16))
     n_d = triton.cdiv(d, block_d)
-    target = 8 * _sm_count(device)
+    target = 8 * sm_count(device, cpu_default=8)
     chunk = 128
     while chunk > 16 and b * n_d * triton.cdiv(l, chunk) < target:
         chunk //= 2

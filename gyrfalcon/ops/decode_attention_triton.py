@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import sm_count
 from .ssd_triton import _INTERPRET, _bound, _store
 
 BLOCK_N = 64             # cache columns per loop step of a program, and the shortest split
@@ -30,17 +31,11 @@ INTERPRET_PROGRAMS = 4   # the grid to fill without a GPU (CPU interpreter): sma
 MIN_SAVED_BLOCKS = 3
 MERGE_BLOCK_S = 32       # the merge kernel reads the splits in chunks of at most this many
 
-_sm_counts: dict[int, int] = {}
-
 
 def _target_programs(device: torch.device) -> int:
-    """Programs wanted in the grid: two per SM, so every SM has work while the other's loads are in flight."""
-    if device.type != "cuda":
-        return INTERPRET_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 2 * _sm_counts[index]
+    """Programs wanted in the grid: two per SM, so every SM has work while the other's loads are in flight
+    (INTERPRET_PROGRAMS without a GPU)."""
+    return 2 * sm_count(device, cpu_default=INTERPRET_PROGRAMS // 2)
 
 
 def split_plan(b: int, hk: int, kv_len: int, device: torch.device) -> tuple[int, int]:

@@ -33,6 +33,19 @@ def kernels_enabled(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors if t is not None)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, cpu_default: int) -> int:
+    """The streaming multiprocessors of a CUDA device (read once per device), which kernels size their grids by;
+    cpu_default elsewhere (the CPU interpreter, where grids are sized for tests)."""
+    if device.type != "cuda":
+        return cpu_default
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def reference_forced() -> bool:
     return _force_reference
 

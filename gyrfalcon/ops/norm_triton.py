@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import sm_count
+
 
 # ----------------------------------------------------------------------------------------------------------- kernels
 
@@ -168,8 +170,7 @@ def _num_warps(block: int) -> int:
 
 
 def _programs_for_dw(n_rows: int, device: torch.device, programs_per_sm: int = 4) -> int:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_rows, programs_per_sm * sms))
+    return max(1, min(n_rows, programs_per_sm * sm_count(device, cpu_default=4)))
 
 
 class _RMSNormFn(torch.autograd.Function):

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import sm_count
 from .ssd_triton import (_INTERPRET, _STATE_CONFIGS, _bound, _configs, _discretize_grad, _fit, _mm, _mm_hl, _mm_lh,
                          _Problem, _prune_state, _store)
 
@@ -395,12 +396,6 @@ TUNED_KERNELS = {"bwd_state": _bwd_state_kernel, "bwd_row": _bwd_row_kernel, "bw
                  "bwd_dx": _bwd_dx_kernel}
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 # Programs the row/col kernels aim for, in SM counts: each walks its heads serially, so more, shorter programs hide
 # latency better, at the cost of more fp32 partials of dB/dC to sum (bench/ssd_head_splits.py chooses it).
 HEAD_SPLIT_WAVES = 2  # H100 fwd+bwd: 0.5B b4x2K 2.03 -> 1.79 ms, 7B 2K 1.92 -> 1.80, 8K 3.42 -> 3.39 (4, 8 slower)
@@ -410,7 +405,7 @@ def _head_splits(pr: _Problem, device: torch.device) -> int:
     """How many head splits the row/col kernels use: enough programs for HEAD_SPLIT_WAVES waves on the GPU, never
     more than the heads of a group."""
     programs = pr.b * pr.nc * pr.g * max(1, pr.Q // 32)
-    return max(1, min(pr.hpg, triton.cdiv(_sm_count(device) * HEAD_SPLIT_WAVES, programs)))
+    return max(1, min(pr.hpg, triton.cdiv(sm_count(device, cpu_default=1) * HEAD_SPLIT_WAVES, programs)))
 
 
 def ssd_backward(pr: _Problem, dy, dfinal, x, dt, A_log, B, C, D, dt_bias, initial_state, seq_idx, states):
