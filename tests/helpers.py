@@ -1,6 +1,9 @@
-"""Shared test helpers: tiny configs with every option exercised, the transformers oracle, error metrics."""
+"""Shared test helpers: tiny configs with every option exercised, the transformers oracle, error metrics, and the
+kernel tests' device, random inputs and float64 check."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -57,3 +60,32 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not torch.isfinite(actual).all():
         return float("inf")
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------- kernel tests
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's CPU interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest): one bf16 ulp of slack there.
+BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
+
+
+def rand_on_device(*shape, dtype, gen, scale=1.0) -> torch.Tensor:
+    """Normal values (times scale) drawn on the CPU from gen, then moved to DEV in dtype."""
+    return (torch.randn(*shape, generator=gen) * scale).to(DEV, dtype)
+
+
+def _to_float64(t):
+    if isinstance(t, list):
+        return [_to_float64(u) for u in t]
+    return t.to(torch.float64) if torch.is_tensor(t) and t.is_floating_point() else t
+
+
+def check_against_float64(got, ref_fn, inputs, dtype, fp32_tol: float) -> None:
+    """got (in dtype) vs ref_fn on float64 copies of inputs (tensors, or lists of them): within fp32_tol for fp32;
+    otherwise within 2x the error of ref_fn itself in dtype, plus BF16_FLOOR."""
+    exact = ref_fn(*[_to_float64(t) for t in inputs])
+    assert got.shape == exact.shape and got.dtype == dtype
+    if dtype == torch.float32:
+        assert rel_err(got, exact) <= fp32_tol
+    else:
+        eager = ref_fn(*inputs)
+        assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + BF16_FLOOR

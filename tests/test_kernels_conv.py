@@ -9,8 +9,6 @@ The `gpu` tests run the real model shapes in bf16: python -m pytest tests/test_k
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -19,12 +17,9 @@ pytest.importorskip("triton")
 from gyrfalcon.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
 from gyrfalcon.ops.conv_triton import (ConvLaunch, causal_conv1d_triton,  # noqa: E402
                                        causal_conv1d_update_triton)
-from helpers import rel_err  # noqa: E402
+from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
-# Triton's CPU interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest): one bf16 ulp of slack there.
-BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
 SMALL = ConvLaunch(block_d=16, chunk_l=8, unroll=4, num_warps=1)  # 37 channels -> 3 blocks, 37 tokens -> 5 chunks
 gpu = pytest.mark.gpu
 

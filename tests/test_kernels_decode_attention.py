@@ -6,8 +6,6 @@ within 2x eager SDPA's own bf16 error); and split_plan's contract. Runs in Trito
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,10 +13,7 @@ pytest.importorskip("triton")
 
 from gyrfalcon.ops import decode_attention_triton as kernel  # noqa: E402
 from gyrfalcon.ops.attention import decode_attention_ref  # noqa: E402
-from helpers import rel_err  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
+from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype, hq, hk, d, lengths, kv_len, split, splits", [

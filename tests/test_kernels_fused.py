@@ -6,8 +6,6 @@ gradient is needed."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -16,26 +14,14 @@ pytest.importorskip("triton")
 from gyrfalcon.ops import fused  # noqa: E402
 from gyrfalcon.ops.fused_triton import (residual_mix_triton, rope_store_decode_triton,  # noqa: E402
                                         swiglu_triton)
-from helpers import rel_err  # noqa: E402
+from helpers import BF16_FLOOR, DEV, check_against_float64, rand_on_device, rel_err  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
-# Triton's CPU interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest): one bf16 ulp of slack there.
-BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
-
-
-def rand(*shape, dtype, gen, scale=1.0):
-    return (torch.randn(*shape, generator=gen) * scale).to(DEV, dtype)
+rand = rand_on_device
 
 
 def check(got, ref_fn, inputs, dtype):
-    """got vs ref_fn on the float64 copies; in bf16, within 2x the reference's own bf16 error (plus one ulp)."""
-    exact = ref_fn(*[t.to(F64) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs])
-    if dtype == torch.float32:
-        assert rel_err(got, exact) <= 1e-6
-    else:
-        eager = ref_fn(*inputs)
-        assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + BF16_FLOOR
+    check_against_float64(got, ref_fn, inputs, dtype, fp32_tol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,8 +8,6 @@ shapes. The `gpu` tests run the real model shapes: python -m pytest tests/test_k
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,12 +15,9 @@ pytest.importorskip("triton")
 
 from gyrfalcon.ops.norm import gated_rms_norm_ref, rms_norm_ref  # noqa: E402
 from gyrfalcon.ops.norm_triton import gated_rms_norm_triton, rms_norm_triton  # noqa: E402
-from helpers import rel_err  # noqa: E402
+from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
-# Triton's CPU interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest): one bf16 ulp of slack there.
-BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
 EPS = 1e-5
 gpu = pytest.mark.gpu
 

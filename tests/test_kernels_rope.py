@@ -4,8 +4,6 @@ the model lays them out (transposed views of the projections), GQA head counts, 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -13,10 +11,7 @@ pytest.importorskip("triton")
 
 from gyrfalcon.ops.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq  # noqa: E402
 from gyrfalcon.ops.rope_triton import rope_triton  # noqa: E402
-from helpers import rel_err  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
+from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype, h, d", [(torch.float32, 5, 16), (torch.bfloat16, 3, 32), (torch.float32, 2, 24)])

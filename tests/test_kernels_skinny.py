@@ -6,8 +6,6 @@ the dispatching entries keep the references where a gradient is needed or there 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,31 +13,13 @@ pytest.importorskip("triton")
 
 from gyrfalcon.ops import skinny  # noqa: E402
 from gyrfalcon.ops.skinny_triton import MODE_SUM, MODE_SWIGLU, multi_linear_triton, pair_linear_triton  # noqa: E402
-from helpers import rel_err  # noqa: E402
+from helpers import DEV, check_against_float64, rand_on_device  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-F64 = torch.float64
-BF16_FLOOR = 2 ** -7 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -8
-
-
-def rand(*shape, dtype, gen, scale=1.0):
-    return (torch.randn(*shape, generator=gen) * scale).to(DEV, dtype)
-
-
-def to64(t):
-    if isinstance(t, list):
-        return [to64(u) for u in t]
-    return t.to(F64) if torch.is_tensor(t) and t.is_floating_point() else t
+rand = rand_on_device
 
 
 def check(got, ref_fn, inputs, dtype):
-    exact = ref_fn(*[to64(t) for t in inputs])
-    assert got.shape == exact.shape and got.dtype == dtype
-    if dtype == torch.float32:
-        assert rel_err(got, exact) <= 1e-5
-    else:
-        eager = ref_fn(*inputs)
-        assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + BF16_FLOOR
+    check_against_float64(got, ref_fn, inputs, dtype, fp32_tol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

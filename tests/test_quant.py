@@ -425,7 +425,8 @@ def test_gpu_4bit_layer_and_cpu_quantization_agree(dtype):
     """On CUDA the layer computes x @ dequantize(W).T to within 2x eager's rounding in the same dtype (both against
     float64); and the CPU quantizes the same weight to the same 4-bit codes, dequantizing them to within one rounding
     of the compute dtype on average (the two devices round the fp32 block-scale products differently: measured on
-    the H100, not bit-equal), so `gyrfalcon merge --device cpu` rebuilds the base a GPU run trained on to that rounding."""
+    the H100, not bit-equal), so `gyrfalcon merge --device cpu` rebuilds the base a GPU run trained on to that
+    rounding."""
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(1031, 777, generator=gen) * 0.02).to(dtype)
     layer = Linear4bit.from_linear(_dense(777, 1031, weight.cuda(), "cuda"))
@@ -434,7 +435,8 @@ def test_gpu_4bit_layer_and_cpu_quantization_agree(dtype):
     gpu_dense, cpu_dense = layer.dequantized_weight().cpu().float(), cpu_layer.dequantized_weight().float()
     diff = (gpu_dense - cpu_dense).abs()
     print(json.dumps({"test": "cpu_vs_gpu_dequant", "dtype": str(dtype), "max_abs": diff.max().item(),
-                      "rel_rms": rel_rms(gpu_dense, cpu_dense.double()), "differing": (diff > 0).float().mean().item()}))
+                      "rel_rms": rel_rms(gpu_dense, cpu_dense.double()),
+                      "differing": (diff > 0).float().mean().item()}))
     assert rel_rms(gpu_dense, cpu_dense.double()) <= torch.finfo(dtype).eps  # within one rounding, on average
 
     w = layer.dequantized_weight()
