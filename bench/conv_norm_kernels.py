@@ -12,8 +12,8 @@ floor = bytes that must cross HBM / 3.35e12 B/s (H100 SXM): conv fwd reads x and
 writes dx; norms read each input and write each output once per pass (the backward re-reads the forward's inputs).
 gbps is those floor bytes over the measured time. kernel_ms is the GPU time of the launched kernels alone
 (torch.profiler), and kernel_share_of_floor the floor over it: small ops timed one call at a time are bound by
-the host's launch overhead, which a model step hides behind other GPU work. Triton lines of the forward pass also carry max_rel_err against
-the reference on the same inputs. Runs in well under 2 minutes.
+the host's launch overhead, which a model step hides behind other GPU work. Triton lines of the forward pass also
+carry max_rel_err against the reference on the same inputs. Runs in well under 2 minutes.
 """
 
 from __future__ import annotations
