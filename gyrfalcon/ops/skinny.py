@@ -57,7 +57,7 @@ def multi_linear(x, weights):
 
 
 def dual_linear_residual(res, x1, w1, s1: float, x2, w2, s2: float):
-    if skinny_ok(x1, w1, w2) and skinny_ok(x2, w1, w2) and res.is_contiguous() and res.dtype == x1.dtype:
+    if skinny_ok(x1, w1, w2) and skinny_ok(x2, w2) and res.is_contiguous() and res.dtype == x1.dtype:
         from .skinny_triton import MODE_SUM, pair_linear_triton
         return pair_linear_triton(x1, w1, x2, w2, res, torch.empty_like(res), s1, s2, MODE_SUM)
     return dual_linear_residual_ref(res, x1, w1, s1, x2, w2, s2)

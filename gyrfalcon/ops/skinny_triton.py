@@ -125,6 +125,6 @@ def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int
     _pair_kernel[grid](x1, x1.stride(0), w1, k1, x2 if second else x1, x2.stride(0) if second else 0,
                        w2 if w2 is not None else w1, k2, res if res is not None else out,
                        res.stride(0) if res is not None else 0, out, out.stride(0), m, n, float(s1), float(s2),
-                       MODE=mode, HAS_SECOND=second or mode == MODE_SWIGLU, HAS_RES=res is not None,
+                       MODE=mode, HAS_SECOND=second, HAS_RES=res is not None,
                        BLOCK_M=triton.next_power_of_2(m), INTERP=_INTERPRET)
     return out
