@@ -28,18 +28,21 @@ for part in $parts; do
     case $part in
         tests)
             run gpu_tests 360 python -m pytest -q -p no:cacheprovider -m gpu tests/test_step_graph.py \
-                tests/test_kernels_fused.py tests/test_kernels_decode_attention.py tests/test_kernels_skinny.py tests/test_generate.py \
+                tests/test_kernels_fused.py tests/test_kernels_decode_attention.py tests/test_kernels_skinny.py \
+                tests/test_kernels_mamba_decode.py tests/test_generate.py \
                 tests/test_activation_offload.py tests/test_train.py tests/test_quant.py tests/test_gpu_model.py ;;
         decode)
             run decode 200 python bench/decode.py --only 0.5B-b1 0.5B-b64 7B-b1 --no-transformers ;;
         skinny)
             run skinny_kernels 150 python bench/skinny_kernels.py --configs ;;
+        mamba)
+            run mamba_decode_kernels 90 python bench/mamba_decode_kernels.py --sweep ;;
         train)
             run profile_train 150 python bench/profile_train.py ;;
         qlora)
             run qlora 100 python bench/qlora_memory.py --steps 2 ;;
         *)
-            echo "unknown part $part (tests | decode | skinny | train | qlora)" >&2
+            echo "unknown part $part (tests | decode | skinny | mamba | train | qlora)" >&2
             exit 2 ;;
     esac
 done

@@ -70,6 +70,8 @@ class HybridCache:
         self.ssm = torch.zeros(n_layers, batch, config.mamba_n_heads, config.mamba_head_dim, config.mamba_d_state,
                                dtype=state_dtype, device=self.device)
         self.conv_weights: torch.Tensor | None = None
+        # the fused Mamba decode step's per-(row, group) counters (ops/mamba_decode.py): zeros, left zero by each step
+        self.mamba_sync = torch.zeros(batch * config.mamba_n_groups, dtype=torch.int32, device=self.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.rows = torch.arange(batch, device=self.device)[:, None]                 # (b, 1) for KV scatters
         self.host_lengths = [0] * batch
@@ -215,6 +217,7 @@ class LayerCache:
         self.k, self.v = cache.k[index], cache.v[index]                 # (b, hk, capacity, d)
         self.conv_state, self.ssm_state = cache.conv[index], cache.ssm[index]
         self.conv_weight = cache.conv_weights[index] if cache.conv_weights is not None else None
+        self.mamba_sync = cache.mamba_sync  # shared by the layers: each step leaves it zero for the next
 
     @property
     def decoding(self) -> bool:

@@ -175,7 +175,8 @@ class FalconH1Config:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act must be 'silu' (the only activation Falcon-H1 uses), got {self.hidden_act!r}")
+            raise ConfigError(f"hidden_act must be 'silu' (the only activation Falcon-H1 uses), "
+                              f"got {self.hidden_act!r}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
                               f"({self.hidden_size}), or head_dim must be given")

@@ -148,7 +148,12 @@ class MambaMixer(nn.Module):
             seq_idx: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         """in_proj's output (b, l, in_proj_size) (any row stride, last dim contiguous) -> the gated SSM output
         (b, l, d_ssm) that out_proj takes. The µP factors of the z, x, B, C and dt blocks cost no pass: x, B, C go
-        into the conv weight, z into the gated norm, dt into the scan or step."""
+        into the conv weight, z into the gated norm (or the decode step's gate), dt into the scan or step."""
+        if cache is not None and cache.decoding:  # one real token per row (HybridCache.decode_step: no padding)
+            y, norm_weight = self.decode_gated(zxbcdt[:, 0], cache)
+            if norm_weight is not None:
+                y = ops.rms_norm(y, norm_weight, self.norm.eps)
+            return y[:, None]
         b, l, _ = zxbcdt.shape
         cfg = self.config
         s_z, s_x, s_b, s_c, s_dt = self.block_factors()
@@ -157,11 +162,7 @@ class MambaMixer(nn.Module):
             # Zero padding before the conv too: with in_proj bias, padding would otherwise leak into real tokens.
             xbc = xbc * padding_mask[..., None].to(xbc.dtype)
         gs = self.n_groups * self.d_state
-        if cache is not None and cache.decoding:
-            # the cache holds the scaled weight when its owner computed it once per call (see scaled_conv_weight)
-            weight = cache.conv_weight if cache.conv_weight is not None else self.scaled_conv_weight(s_x, s_b, s_c)
-            y = self._decode(xbc, dt, s_dt, weight, cache)  # s_dt applied inside the step kernel
-        elif cache is not None:
+        if cache is not None:
             y = self._prefill(xbc, dt * s_dt, self.scaled_conv_weight(s_x, s_b, s_c), padding_mask, cache)
         else:
             weight = self.scaled_conv_weight(s_x, s_b, s_c)
@@ -215,17 +216,28 @@ class MambaMixer(nn.Module):
         cache.ssm_state.copy_(ssm_state)
         return y
 
-    def _decode(self, xbc, dt, dt_scale: float, weight, cache: LayerCache):
-        """One token per row: conv window shift and SSD recurrence, both in place in the cache.
-        xbc (b, 1, conv_dim) unscaled; dt (b, 1, h) before its factor dt_scale. Returns y (b, 1, h, p)."""
-        b = xbc.shape[0]
-        gs = self.n_groups * self.d_state
-        xbc = ops.causal_conv1d_update(xbc[:, 0], cache.conv_state, weight, self.conv1d.bias, activation="silu")
-        xs, B, C = xbc.split([self.d_ssm, gs, gs], dim=-1)
-        y = ops.ssd_step(cache.ssm_state, xs.reshape(b, self.n_heads, self.head_dim), dt[:, 0], self.A_log,
-                         B.reshape(b, self.n_groups, self.d_state), C.reshape(b, self.n_groups, self.d_state),
-                         self.D, self.dt_bias, dt_limit=self.config.time_step_limit, dt_scale=dt_scale)
-        return y[:, None]
+    def decode_gated(self, zxbcdt: torch.Tensor, cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decode step from in_proj's output zxbcdt (b, in_proj_size) (last dim contiguous) in one fused op
+        (ops.mamba_step: conv update, SSD step, gate; the cache's states updated in place). Returns (y (b, d_ssm),
+        norm_weight): norm_weight None means y is the mixer's output; a tensor means y is gated and still needs an
+        RMSNorm over the whole row with that weight (the mixer's norm after the gate, with one group), which the
+        caller may fold into out_proj's product (DecoderLayer._skinny_decode)."""
+        cfg = self.config
+        b = zxbcdt.shape[0]
+        s_z, s_x, s_b, s_c, s_dt = self.block_factors()
+        # the cache holds the scaled weight when its owner computed it once per call (see scaled_conv_weight)
+        weight = cache.conv_weight if cache.conv_weight is not None else self.scaled_conv_weight(s_x, s_b, s_c)
+        norm_left = cfg.mamba_rms_norm and not cfg.mamba_norm_before_gate and self.n_groups == 1
+        gate = not cfg.mamba_rms_norm or norm_left
+        y = ops.mamba_step(zxbcdt, cache.conv_state, cache.ssm_state, weight, self.conv1d.bias, self.A_log, self.D,
+                           self.dt_bias, n_groups=self.n_groups, d_state=self.d_state, dt_limit=cfg.time_step_limit,
+                           dt_scale=s_dt, z_scale=s_z, gate=gate, sync=cache.mamba_sync).reshape(b, self.d_ssm)
+        if gate:
+            return y, (self.norm.weight if norm_left else None)
+        z = zxbcdt[:, :self.d_ssm]
+        return ops.gated_rms_norm(y, z, self.norm.weight, eps=cfg.rms_norm_eps, n_groups=self.n_groups,
+                                  norm_before_gate=cfg.mamba_norm_before_gate, out_dtype=zxbcdt.dtype,
+                                  z_scale=s_z), None
 
 
 class MLP(nn.Module):
@@ -281,22 +293,25 @@ class DecoderLayer(nn.Module):
                 and ops.skinny_ok(x[:, 0], *(p.weight for p in projections)))
 
     def _skinny_decode(self, x, cos, sin, cache: LayerCache) -> torch.Tensor:
-        """A decode step of a few rows, x (b, 1, hidden), in 11 kernels instead of 18: in_proj, q, k and v in one
-        product of the normed input; out_proj and o_proj (with their µP factors) added into the residual by one;
-        the gate and up products with SwiGLU in one; down_proj into the residual in one (ops/skinny.py). Each
-        weight is read once, at memory speed; the Mamba and attention steps between them are the module path's."""
+        """A decode step of a few rows, x (b, 1, hidden), in 7 kernels (8 when the attention splits its keys)
+        instead of 18: the input norm folded into one product for in_proj, q, k and v; the Mamba step (conv, scan,
+        gate) in one; RoPE + KV store and the attention; out_proj and o_proj (with their µP factors, and the Mamba
+        norm folded in where it is a plain RMSNorm of the gated row) added into the residual by one; the MLP's norm,
+        gate and up products and SwiGLU in one; down_proj into the residual in one (ops/skinny.py). Each weight is
+        read once, at memory speed."""
         attn, mamba, mlp = self.self_attn, self.mamba, self.feed_forward
-        h = self.input_layernorm(x)[:, 0]
-        proj = ops.multi_linear(h, [mamba.in_proj.weight, attn.q_proj.weight, attn.k_proj.weight,
-                                    attn.v_proj.weight])
+        in_norm, ff_norm = self.input_layernorm, self.pre_ff_layernorm
+        proj = ops.multi_linear(x[:, 0], [mamba.in_proj.weight, attn.q_proj.weight, attn.k_proj.weight,
+                                          attn.v_proj.weight], norm_weight=in_norm.weight, eps=in_norm.eps)
         zxbcdt, q, k, v = proj.split([mamba.in_proj.out_features, attn.q_proj.out_features,
                                       attn.k_proj.out_features, attn.v_proj.out_features], dim=-1)
-        y = mamba.mix(zxbcdt[:, None], cache=cache)[:, 0]
+        y, y_norm = mamba.decode_gated(zxbcdt, cache)
         o = attn.decode_attend(q, k, v, cos, sin, cache, attn.in_multiplier).reshape(x.shape[0], -1)
         x = ops.dual_linear_residual(x[:, 0], y, mamba.out_proj.weight, self.ssm_out_multiplier, o,
-                                     attn.o_proj.weight, self.attention_out_multiplier)
-        u = ops.linear_swiglu(self.pre_ff_layernorm(x), mlp.gate_proj.weight, mlp.up_proj.weight,
-                              mlp.gate_multiplier)
+                                     attn.o_proj.weight, self.attention_out_multiplier, norm_weight=y_norm,
+                                     eps=mamba.norm.eps if y_norm is not None else 0.0)
+        u = ops.linear_swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.gate_multiplier,
+                              norm_weight=ff_norm.weight, eps=ff_norm.eps)
         return ops.linear_residual(x, u, mlp.down_proj.weight, mlp.down_multiplier)[:, None]
 
 

@@ -1,8 +1,12 @@
 """The few-row product kernels (gyrfalcon/ops/skinny_triton.py) against float64 references: four weights of
 different row counts in one launch, the out_proj + o_proj residual sum, down_proj into the residual and the fused
 gate/up SwiGLU, at 1-4 rows, odd N and K (tiles cross the edges), strided rows; fp32 and bf16 (bf16 within 2x the
-eager reference's own error). Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py). Also:
-the dispatching entries keep the references where a gradient is needed or there are too many rows."""
+eager reference's own error). The same with an RMSNorm folded into the product (of x, x1, or both SwiGLU inputs), on
+rows of very different scales with a norm weight far from 1 and an eps that sets one row's norm, so a fold that
+dropped or misplaced any of them fails. Without a GPU the kernels run in Triton's CPU interpreter
+(tests/conftest.py). Also: the dispatching entries keep the references where a gradient is needed, there are too
+many rows or the norm weight is not one the kernels take, and with a norm weight they are rms_norm_ref followed by
+the plain op."""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import torch
 pytest.importorskip("triton")
 
 from gyrfalcon.ops import skinny  # noqa: E402
+from gyrfalcon.ops.norm import rms_norm_ref  # noqa: E402
 from gyrfalcon.ops.skinny_triton import MODE_SUM, MODE_SWIGLU, multi_linear_triton, pair_linear_triton  # noqa: E402
-from helpers import DEV, check_against_float64, rand_on_device  # noqa: E402
+from helpers import DEV, check_against_float64, rand_on_device, rel_err  # noqa: E402
 
 rand = rand_on_device
 
@@ -66,3 +71,89 @@ def test_dispatch_keeps_references_for_gradients_and_many_rows(monkeypatch):
     xg = x[:2].clone().requires_grad_()
     out = skinny.linear_residual(torch.zeros(2, 6, device=DEV), xg, w, 1.0)
     assert out.requires_grad  # the reference ran, so the gradient flows
+
+
+# ------------------------------------------------------------------------------------------- RMSNorm folded in
+EPS = 0.01  # against row 0's mean square of 0.0025 (scale 0.05): eps more than halves that row's 1/rms
+ROW_SCALES = (0.05, 30.0, 1.0, 0.3)
+
+
+def normed_rows(m, k, dtype, gen, nw_dtype):
+    """x (m, k) whose rows differ in scale by up to 600x, and a norm weight (k,) of mean 2.5 with both signs."""
+    scales = torch.tensor(ROW_SCALES[:m])[:, None]
+    x = (torch.randn(m, k, generator=gen) * scales).to(DEV, dtype)
+    nw = (2.5 + 1.5 * torch.randn(k, generator=gen)).to(DEV, nw_dtype)
+    return x, nw
+
+
+def assert_norm_matters(got, ref_fn, args, nw):
+    """The folded result is far (>1000x the fp32 tolerance) from the same op (in float64) without the norm, with a
+    unit norm weight, and with eps 0: the checks against the reference do test each part of the fold."""
+    f64 = [[w.double() for w in t] if isinstance(t, list) else t.double() if torch.is_tensor(t) else t for t in args]
+    nw = nw.double()
+    for other in (ref_fn(*f64), ref_fn(*f64, torch.ones_like(nw), EPS), ref_fn(*f64, nw, 0.0)):
+        assert rel_err(got, other) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_multi_linear_folds_rms_norm(dtype, m):
+    gen = torch.Generator().manual_seed(10 + m)
+    k = 37
+    x, nw = normed_rows(m, k, dtype, gen, nw_dtype=dtype)
+    weights = [rand(n, k, dtype=dtype, gen=gen, scale=0.2) for n in (13, 5, 1)]
+    got = multi_linear_triton(x, weights, torch.empty(m, 19, dtype=dtype, device=DEV), nw, EPS)
+    check(got, skinny.multi_linear_ref, (x, weights, nw, EPS), dtype)
+    assert_norm_matters(got, skinny.multi_linear_ref, (x, weights), nw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_pair_epilogues_fold_rms_norm_of_x1(dtype, m):
+    gen = torch.Generator().manual_seed(20 + m)
+    n, k1, k2 = 21, 40, 19
+    x1, nw = normed_rows(m, k1, dtype, gen, nw_dtype=dtype)
+    x1 = torch.cat([rand(m, 3, dtype=dtype, gen=gen), x1], dim=1)[:, 3:]  # rows with a stride other than k1
+    x2 = rand(m, k2, dtype=dtype, gen=gen, scale=5.0)  # never normed: normed, its product would be ~5x smaller
+    w1, w2 = rand(n, k1, dtype=dtype, gen=gen, scale=0.2), rand(n, k2, dtype=dtype, gen=gen, scale=0.2)
+    res = rand(m, n, dtype=dtype, gen=gen)
+    got = pair_linear_triton(x1, w1, x2, w2, res, torch.empty_like(res), 0.7, -1.3, MODE_SUM, nw, EPS)
+    check(got, skinny.dual_linear_residual_ref, (res, x1, w1, 0.7, x2, w2, -1.3, nw, EPS), dtype)
+    assert_norm_matters(got, skinny.dual_linear_residual_ref, (res, x1, w1, 0.7, x2, w2, -1.3), nw)
+    # SwiGLU: the gate and up products both read the normed x1; a norm weight in fp32 whatever x's dtype
+    nw32 = nw.float()
+    w_up = rand(n, k1, dtype=dtype, gen=gen, scale=0.2)
+    got = pair_linear_triton(x1, w1, None, w_up, None, torch.empty(m, n, dtype=dtype, device=DEV), 0.6, 0.0,
+                             MODE_SWIGLU, nw32, EPS)
+    check(got, skinny.linear_swiglu_ref, (x1, w1, w_up, 0.6, nw32, EPS), dtype)
+    assert_norm_matters(got, skinny.linear_swiglu_ref, (x1, w1, w_up, 0.6), nw32)
+
+
+def test_norm_weight_is_rms_norm_ref_then_the_plain_op(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    m, k, n = 3, 24, 10
+    x, nw = normed_rows(m, k, torch.float32, gen, nw_dtype=torch.float32)
+    w1, w2 = rand(n, k, dtype=torch.float32, gen=gen), rand(n, k, dtype=torch.float32, gen=gen)
+    x2, res = rand(m, k, dtype=torch.float32, gen=gen), rand(m, n, dtype=torch.float32, gen=gen)
+    h = rms_norm_ref(x, nw, EPS)
+    ops = {  # each public op of x and, optionally, (norm_weight, eps)
+        "multi_linear": lambda x, *norm: skinny.multi_linear(x, [w1, w2], *norm),
+        "dual_linear_residual": lambda x, *norm: skinny.dual_linear_residual(res, x, w1, 0.7, x2, w2, -1.3, *norm),
+        "linear_swiglu": lambda x, *norm: skinny.linear_swiglu(x, w1, w2, 0.6, *norm),
+    }
+    for name, op in ops.items():
+        assert torch.equal(op(x, nw, EPS), op(h)), name  # the reference path (as on a CPU)
+    monkeypatch.setattr(skinny, "kernels_enabled", lambda *tensors: True)  # as on a GPU: the kernels run
+    for name, op in ops.items():
+        assert rel_err(op(x, nw, EPS), op(h)) <= 1e-5, name
+    # norm weights the kernels do not take: the dispatch keeps the references
+    assert skinny.norm_ok(x, nw) and skinny.norm_ok(x, None) and skinny.norm_ok(x, nw.bfloat16())
+    assert not skinny.norm_ok(x, nw.double())
+    assert not skinny.norm_ok(x, torch.cat([nw, nw])[::2])  # not contiguous
+    assert not skinny.norm_ok(x, nw[:-1])
+    assert not skinny.norm_ok(x, nw[None])
+    assert not skinny.norm_ok(x, nw.clone().requires_grad_())
+    with torch.no_grad():
+        assert skinny.norm_ok(x, nw.clone().requires_grad_())
+    xg = x.clone().requires_grad_()
+    assert skinny.multi_linear(xg, [w1], nw, EPS).requires_grad  # the reference ran, so the gradient flows

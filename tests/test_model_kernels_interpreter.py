@@ -14,8 +14,8 @@ pytest.importorskip("triton")
 
 from gyrfalcon import FalconH1Config, FalconH1ForCausalLM  # noqa: E402
 from gyrfalcon.generate import generate  # noqa: E402
-from gyrfalcon.ops import conv, dispatch, fused, norm, rope, skinny, ssd  # noqa: E402
-from helpers import rel_err  # noqa: E402
+from gyrfalcon.ops import conv, dispatch, fused, mamba_decode, norm, rope, skinny, ssd  # noqa: E402
+from helpers import randomize_, rel_err, tiny_config  # noqa: E402
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def kernels_on_cpu(monkeypatch):
     def patch():
         # ops/attention.py by its module path: the package exports a function of that name
         attention = importlib.import_module("gyrfalcon.ops.attention")
-        for module in (attention, conv, fused, norm, rope, skinny, ssd):
+        for module in (attention, conv, fused, mamba_decode, norm, rope, skinny, ssd):
             monkeypatch.setattr(module, "kernels_enabled", lambda *tensors: not dispatch.reference_forced())
     return patch
 
@@ -42,13 +42,19 @@ def test_kernel_path_equals_reference_path(kernels_on_cpu):
     assert out.sequences.tolist() == ref.sequences.tolist()
 
 
-def test_decode_step_logits_kernel_path_equals_reference_path(kernels_on_cpu):
-    """Three decode steps' logits (fused few-row products, fused RoPE + KV store, decode attention, conv update, SSD
-    step) against the reference path's, each path with its own cache after the same prefill."""
+@pytest.mark.parametrize("mamba_norm", [
+    {},                                                         # RMSNorm after the gate: folded into out_proj
+    {"mamba_rms_norm": False},                                  # the gate alone: inside the Mamba step
+    {"mamba_n_groups": 2, "mamba_norm_before_gate": True},      # the gated norm kernel after an ungated step
+])
+def test_decode_step_logits_kernel_path_equals_reference_path(kernels_on_cpu, mamba_norm):
+    """Three decode steps' logits (few-row products with the norms folded in, the fused Mamba step, fused RoPE + KV
+    store, decode attention) against the reference path's, each path with its own cache after the same prefill;
+    non-unit µP factors and random norm weights, so a factor or a norm applied in the wrong place shows."""
     from gyrfalcon.cache import HybridCache
 
-    config = FalconH1Config.from_preset("tiny", num_hidden_layers=2)
-    model = FalconH1ForCausalLM.from_config(config, dtype=torch.float32, device="cpu", seed=6).eval()
+    config = tiny_config(num_hidden_layers=2, **mamba_norm)
+    model = randomize_(FalconH1ForCausalLM.from_config(config, dtype=torch.float32, device="cpu", seed=6), 6).eval()
     prompt = torch.randint(3, config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
     tokens = torch.randint(3, config.vocab_size, (3, 3), generator=torch.Generator().manual_seed(2))
 

@@ -8,6 +8,7 @@ from .conv import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal
 from .dispatch import kernels_enabled, use_reference
 from .fused import residual_add, residual_mix, residual_mix_norm, rope_store_decode, swiglu
 from .loss import causal_lm_loss, causal_lm_loss_ref, linear_cross_entropy, shift_labels
+from .mamba_decode import mamba_step, mamba_step_ref
 from .norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
 from .skinny import dual_linear_residual, linear_residual, linear_swiglu, multi_linear, skinny_ok
@@ -19,7 +20,7 @@ __all__ = [
     "kernels_enabled", "use_reference", "causal_lm_loss", "causal_lm_loss_ref",
     "linear_cross_entropy", "shift_labels", "gated_rms_norm",
     "gated_rms_norm_ref", "rms_norm", "rms_norm_ref", "apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq",
-    "ssd_scan", "ssd_scan_ref", "ssd_sequential_ref", "ssd_step", "ssd_step_ref",
+    "mamba_step", "mamba_step_ref", "ssd_scan", "ssd_scan_ref", "ssd_sequential_ref", "ssd_step", "ssd_step_ref",
     "residual_add", "residual_mix", "residual_mix_norm", "rope_store_decode", "swiglu",
     "dual_linear_residual", "linear_residual", "linear_swiglu", "multi_linear", "skinny_ok",
 ]

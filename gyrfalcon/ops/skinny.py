@@ -1,16 +1,22 @@
 """Products of a few rows with weight matrices (a decode step at small batch), with the layer's glue fused in, each
 with its pure-PyTorch reference. Inference only (no gradient).
 
-    multi_linear(x, weights)                      x (M, K) @ cat(weights).T -> (M, sum N_i)   up to four weights
-        (N_i, K): a decoder layer's in_proj, q_proj, k_proj and v_proj read the same normed input
-    dual_linear_residual(res, x1, w1, s1, x2, w2, s2)   res + s1 x1 @ w1.T + s2 x2 @ w2.T -> (M, N)
-        the Mamba out_proj and attention o_proj into the residual, with their µP factors
+    multi_linear(x, weights, norm_weight=None, eps=0.0)   n(x) @ cat(weights).T -> (M, sum N_i)   x (M, K), up
+        to four weights (N_i, K): a decoder layer's in_proj, q_proj, k_proj and v_proj read the same normed input
+    dual_linear_residual(res, x1, w1, s1, x2, w2, s2, norm_weight=None, eps=0.0)
+        res + s1 n(x1) @ w1.T + s2 x2 @ w2.T -> (M, N): the Mamba out_proj and attention o_proj into the residual,
+        with their µP factors (the norm, if any, on x1 only)
     linear_residual(res, x, w, s)                 res + s x @ w.T            down_proj into the residual
-    linear_swiglu(x, w_gate, w_up, gate_multiplier)   (x @ w_up.T) * silu(gate_multiplier x @ w_gate.T)
+    linear_swiglu(x, w_gate, w_up, gate_multiplier, norm_weight=None, eps=0.0)
+        (n(x) @ w_up.T) * silu(gate_multiplier n(x) @ w_gate.T)
 
-Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels (skinny_triton.py) run
-for M <= MAX_ROWS on CUDA, accumulate in fp32 and round once; the references round each product to the model
-dtype first, as the layer's unfused path does.
+n(x) = rms_norm_ref(x, norm_weight, eps) (ops/norm.py) with norm_weight (K,), or x itself where norm_weight is None:
+the RMSNorm before the product folded into it (the kernels read each whole x row anyway), saving the norm's own
+launch. Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels
+(skinny_triton.py) run for M <= MAX_ROWS on CUDA, accumulate in fp32 and round once (the normed x is not rounded
+at all); the references round the normed x and each product to the model dtype first, as the layer's unfused path
+does. The kernels take a norm weight of any kernel dtype (read in fp32), contiguous, on x's device (norm_ok);
+another runs the reference.
 """
 
 from __future__ import annotations
@@ -19,15 +25,24 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import KERNEL_DTYPES, kernels_enabled
+from .norm import rms_norm_ref
 
 MAX_ROWS = 4  # above this many rows cuBLAS's tensor-core kernels are the better choice
 
 
-def multi_linear_ref(x, weights):
+def _normed(x, norm_weight, eps: float):
+    """rms_norm_ref(x, norm_weight, eps) in x's dtype (a norm weight of another dtype would otherwise promote it
+    past the weights' dtype), or x where there is no norm."""
+    return x if norm_weight is None else rms_norm_ref(x, norm_weight, eps).to(x.dtype)
+
+
+def multi_linear_ref(x, weights, norm_weight=None, eps: float = 0.0):
+    x = _normed(x, norm_weight, eps)
     return torch.cat([x @ w.T for w in weights], dim=-1)
 
 
-def dual_linear_residual_ref(res, x1, w1, s1: float, x2, w2, s2: float):
+def dual_linear_residual_ref(res, x1, w1, s1: float, x2, w2, s2: float, norm_weight=None, eps: float = 0.0):
+    x1 = _normed(x1, norm_weight, eps)
     return res + ((x1 @ w1.T) * s1 + (x2 @ w2.T) * s2)
 
 
@@ -35,7 +50,8 @@ def linear_residual_ref(res, x, w, s: float):
     return res + (x @ w.T) * s
 
 
-def linear_swiglu_ref(x, w_gate, w_up, gate_multiplier: float):
+def linear_swiglu_ref(x, w_gate, w_up, gate_multiplier: float, norm_weight=None, eps: float = 0.0):
+    x = _normed(x, norm_weight, eps)
     return (x @ w_up.T) * F.silu((x @ w_gate.T) * gate_multiplier)
 
 
@@ -48,19 +64,32 @@ def skinny_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             and x.dtype in KERNEL_DTYPES and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
 
 
-def multi_linear(x, weights):
-    if skinny_ok(x, *weights) and 1 <= len(weights) <= 4 and len({w.shape[1] for w in weights}) == 1:
+def norm_ok(x: torch.Tensor, norm_weight: torch.Tensor | None) -> bool:
+    """True where the kernels can fold this RMSNorm weight into x's product: none at all, or a contiguous vector of
+    x's row length, of a kernel dtype (any: the kernels read it in fp32), on x's device, needing no gradient."""
+    if norm_weight is None:
+        return True
+    if torch.is_grad_enabled() and norm_weight.requires_grad:
+        return False
+    return (norm_weight.dim() == 1 and norm_weight.is_contiguous() and norm_weight.shape[0] == x.shape[-1]
+            and norm_weight.device == x.device and norm_weight.dtype in KERNEL_DTYPES)
+
+
+def multi_linear(x, weights, norm_weight=None, eps: float = 0.0):
+    if (skinny_ok(x, *weights) and norm_ok(x, norm_weight) and 1 <= len(weights) <= 4
+            and len({w.shape[1] for w in weights}) == 1):
         from .skinny_triton import multi_linear_triton
         out = torch.empty(x.shape[0], sum(w.shape[0] for w in weights), dtype=x.dtype, device=x.device)
-        return multi_linear_triton(x, weights, out)
-    return multi_linear_ref(x, weights)
+        return multi_linear_triton(x, weights, out, norm_weight, eps)
+    return multi_linear_ref(x, weights, norm_weight, eps)
 
 
-def dual_linear_residual(res, x1, w1, s1: float, x2, w2, s2: float):
-    if skinny_ok(x1, w1, w2) and skinny_ok(x2, w2) and res.is_contiguous() and res.dtype == x1.dtype:
+def dual_linear_residual(res, x1, w1, s1: float, x2, w2, s2: float, norm_weight=None, eps: float = 0.0):
+    if (skinny_ok(x1, w1, w2) and skinny_ok(x2, w2) and norm_ok(x1, norm_weight) and res.is_contiguous()
+            and res.dtype == x1.dtype):
         from .skinny_triton import MODE_SUM, pair_linear_triton
-        return pair_linear_triton(x1, w1, x2, w2, res, torch.empty_like(res), s1, s2, MODE_SUM)
-    return dual_linear_residual_ref(res, x1, w1, s1, x2, w2, s2)
+        return pair_linear_triton(x1, w1, x2, w2, res, torch.empty_like(res), s1, s2, MODE_SUM, norm_weight, eps)
+    return dual_linear_residual_ref(res, x1, w1, s1, x2, w2, s2, norm_weight, eps)
 
 
 def linear_residual(res, x, w, s: float):
@@ -70,9 +99,10 @@ def linear_residual(res, x, w, s: float):
     return linear_residual_ref(res, x, w, s)
 
 
-def linear_swiglu(x, w_gate, w_up, gate_multiplier: float):
-    if skinny_ok(x, w_gate, w_up) and w_gate.shape == w_up.shape:
+def linear_swiglu(x, w_gate, w_up, gate_multiplier: float, norm_weight=None, eps: float = 0.0):
+    if skinny_ok(x, w_gate, w_up) and norm_ok(x, norm_weight) and w_gate.shape == w_up.shape:
         from .skinny_triton import MODE_SWIGLU, pair_linear_triton
         out = torch.empty(x.shape[0], w_gate.shape[0], dtype=x.dtype, device=x.device)
-        return pair_linear_triton(x, w_gate, None, w_up, None, out, gate_multiplier, 0.0, MODE_SWIGLU)
-    return linear_swiglu_ref(x, w_gate, w_up, gate_multiplier)
+        return pair_linear_triton(x, w_gate, None, w_up, None, out, gate_multiplier, 0.0, MODE_SWIGLU, norm_weight,
+                                  eps)
+    return linear_swiglu_ref(x, w_gate, w_up, gate_multiplier, norm_weight, eps)

@@ -12,6 +12,14 @@ fp32 on the CUDA cores (no tensor-core tile to pad M to), many small programs pe
         SUM:    res + s1 a + s2 b        (res, b optional)
         SWIGLU: b * silu(s1 a)           (x2 is x1: the gate and up rows of one program)
 All accumulation in fp32, one rounding to out's dtype.
+
+RMSNorm fold (HAS_NORM): x -> rms_norm(x, nw, eps) = x * rsqrt(mean_k x_k^2 + eps) * nw before the product (on x of
+_multi_kernel, on x1 of _pair_kernel: both SwiGLU products, never x2). Since every program walks the full K of its
+rows it reads all of each x row anyway, so the norm costs no pass of its own: the K loop multiplies x by nw (fp32)
+and also sums x^2 per row, and the (BLOCK_M, BLOCK_N) result is scaled by rsqrt(ssq / K + eps) per row, which is
+exact because that factor is constant along k. This drops the separate norm kernel (and its round trip of the normed
+rows through memory) before the decoder layer's in_proj/q/k/v and gate/up products. Unlike the unfused path the
+normed x is never rounded to the model dtype.
 """
 
 from __future__ import annotations
@@ -35,28 +43,39 @@ def _configs():
 
 
 @triton.jit
-def _rows_dot(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows,
+def _rows_dot(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32: x[m, :K] . w[rows[n], :K], zero for m >= M or rows >= N."""
+    """(BLOCK_M, BLOCK_N) fp32: x[m, :K] . w[rows[n], :K], zero for m >= M or rows >= N; with HAS_NORM,
+    rms_norm(x[m, :K], nw, eps) in place of x[m, :K]."""
     m = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
     row_mask = rows < N
     m_mask = m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+    ssq = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)  # reduced once after the loop, not once per tile
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
     for k0 in range(0, _bound(K, INTERP), BLOCK_K):
         k = k0 + kk
         k_mask = k < K
         w = tl.load(w_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    return tl.sum(acc, axis=2)
+        x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_NORM:  # masked k are 0 in x, so they add nothing to ssq whatever nw holds there
+            ssq += x * x
+            x = x * tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+    out = tl.sum(acc, axis=2)
+    if HAS_NORM:  # the per-row 1/rms is constant along k, so it scales the finished dot products
+        out = out * tl.rsqrt(tl.sum(ssq, axis=1) / K + eps)[:, None]
+    return out
 
 
-@triton.autotune(configs=_configs(), key=["M", "n0", "n1", "K"])
+# HAS_NORM in the keys: the folded variant does a little more per K tile, so it is tuned on its own.
+@triton.autotune(configs=_configs(), key=["M", "n0", "n1", "K", "HAS_NORM"])
 @triton.jit
-def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, n3,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, n3, nw_ptr, eps,
+                  HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  INTERP: tl.constexpr):
     pid = tl.program_id(0)
     b1 = tl.cdiv(n0, BLOCK_N)
     b2 = b1 + tl.cdiv(n1, BLOCK_N)
@@ -71,36 +90,41 @@ def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, 
     else:
         w, n, col, blk = w3, n3, n0 + n1 + n2, pid - b3
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _rows_dot(x_ptr, sx_m, w, K, M, n, K, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    acc = _rows_dot(x_ptr, sx_m, w, K, M, n, K, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
     m = tl.arange(0, BLOCK_M)
     mask = (m < M)[:, None] & (rows < n)[None, :]
     tl.store(out_ptr + m[:, None] * so_m + col + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2", "HAS_NORM"])
 @triton.jit
 def _pair_kernel(x1_ptr, sx1, w1_ptr, K1, x2_ptr, sx2, w2_ptr, K2, res_ptr, sr_m, out_ptr, so_m, M, N, s1, s2,
-                 MODE: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_RES: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+                 nw_ptr, eps, MODE: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_RES: tl.constexpr,
+                 HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 INTERP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     mask = (m < M)[:, None] & (rows < N)[None, :]
-    a = _rows_dot(x1_ptr, sx1, w1_ptr, K1, M, N, K1, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    # the norm (if any) is x1's: in SWIGLU mode both products read the normed x1, in SUM mode x2 is never normed
+    a = _rows_dot(x1_ptr, sx1, w1_ptr, K1, M, N, K1, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
     if MODE == 1:  # SWIGLU: b * silu(s1 a), b from the same input rows
-        b = _rows_dot(x1_ptr, sx1, w2_ptr, K1, M, N, K1, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+        b = _rows_dot(x1_ptr, sx1, w2_ptr, K1, M, N, K1, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K,
+                      INTERP)
         g = a * s1
         out = b * g / (1.0 + tl.exp(-g))
     else:
         out = a * s1
         if HAS_SECOND:
-            out += _rows_dot(x2_ptr, sx2, w2_ptr, K2, M, N, K2, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP) * s2
+            out += _rows_dot(x2_ptr, sx2, w2_ptr, K2, M, N, K2, rows, nw_ptr, eps, False, BLOCK_M, BLOCK_N, BLOCK_K,
+                             INTERP) * s2
         if HAS_RES:
             out += tl.load(res_ptr + m[:, None] * sr_m + rows[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + m[:, None] * so_m + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def multi_linear_triton(x, weights, out):
-    """out (M, sum N_i) = x (M, K) @ cat(weights).T; up to four weights (N_i, K), each row-contiguous."""
+def multi_linear_triton(x, weights, out, norm_weight=None, eps: float = 0.0):
+    """out (M, sum N_i) = x (M, K) @ cat(weights).T; up to four weights (N_i, K), each row-contiguous; x first
+    RMS-normed with norm_weight (K,) contiguous, if given."""
     ws = list(weights) + [weights[0]] * (4 - len(weights))
     ns = [w.shape[0] for w in weights] + [0] * (4 - len(weights))
     m, k = x.shape
@@ -108,12 +132,16 @@ def multi_linear_triton(x, weights, out):
     def grid(meta):
         return (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)
 
-    _multi_kernel[grid](x, x.stride(0), out, out.stride(0), m, k, *ws, *ns, BLOCK_M=triton.next_power_of_2(m),
-                        INTERP=_INTERPRET)
+    has_norm = norm_weight is not None
+    _multi_kernel[grid](x, x.stride(0), out, out.stride(0), m, k, *ws, *ns, norm_weight if has_norm else x,
+                        float(eps), HAS_NORM=has_norm, BLOCK_M=triton.next_power_of_2(m), INTERP=_INTERPRET)
     return out
 
 
-def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int):
+def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int, norm_weight=None,
+                       eps: float = 0.0):
+    """out (M, N) = the mode's epilogue (module docstring) of x1 @ w1.T and x2 @ w2.T (x1 @ w2.T for SWIGLU), x1
+    first RMS-normed with norm_weight (K1,) contiguous, if given; x2, w2 and res may be None."""
     m, k1 = x1.shape
     n = w1.shape[0]
     second = x2 is not None
@@ -125,6 +153,7 @@ def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int
     _pair_kernel[grid](x1, x1.stride(0), w1, k1, x2 if second else x1, x2.stride(0) if second else 0,
                        w2 if w2 is not None else w1, k2, res if res is not None else out,
                        res.stride(0) if res is not None else 0, out, out.stride(0), m, n, float(s1), float(s2),
-                       MODE=mode, HAS_SECOND=second, HAS_RES=res is not None,
-                       BLOCK_M=triton.next_power_of_2(m), INTERP=_INTERPRET)
+                       norm_weight if norm_weight is not None else x1, float(eps), MODE=mode, HAS_SECOND=second,
+                       HAS_RES=res is not None, HAS_NORM=norm_weight is not None, BLOCK_M=triton.next_power_of_2(m),
+                       INTERP=_INTERPRET)
     return out
