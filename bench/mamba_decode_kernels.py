@@ -1,8 +1,8 @@
 """Benchmark: the fused Mamba decode step (gyrfalcon/ops/mamba_decode.py: conv update + SSD step + gate in one launch)
-against the two- or three-launch sequence it replaces (causal_conv1d_update, ssd_step, gated_rms_norm), at the 0.5B
-and 7B layer shapes, batch 1 and 64.
+against the two-kernel path (causal_conv1d_update, then ssd_step with the gate), at the 0.5B and 7B layer shapes,
+batch 1 to 64 (to place mamba_decode.FUSED_MAX_ROWS). With the Mamba norm (7B) both are followed by the RMSNorm kernel.
 
-    python bench/mamba_decode_kernels.py [--shapes 0.5B 7B] [--batches 1 64] [--sweep]
+    python bench/mamba_decode_kernels.py [--shapes 0.5B 7B] [--batches 1 4 8 16 64] [--sweep]
 
 One JSON line per (shape, batch, impl): microseconds per call (CUDA graph of 20 calls, best of 5 replays, so launch
 gaps count as in the decode loop's graph), the state bytes moved (SSM state read + write, conv state, in_proj row)
@@ -19,8 +19,10 @@ import time
 import torch
 
 from gyrfalcon import FalconH1Config
-from gyrfalcon.ops import causal_conv1d_update, gated_rms_norm, rms_norm, ssd_step
+from gyrfalcon.ops import rms_norm
+from gyrfalcon.ops.mamba_decode import _two_kernels
 from gyrfalcon.ops.mamba_decode_triton import block_rows, mamba_step_triton
+from gyrfalcon.ops.ssd import INF_LIMIT
 
 HBM = 3.35e12
 
@@ -62,16 +64,11 @@ def layer(cfg: FalconH1Config, batch: int):
 
 
 def sequence(cfg: FalconH1Config, t: dict, norm_weight):
-    """The unfused decode step: conv update, SSD step (gate inside when there is no norm), gated norm."""
-    h, p, n, g = cfg.mamba_n_heads, cfg.mamba_head_dim, cfg.mamba_d_state, cfg.mamba_n_groups
-    d_ssm, gs = cfg.d_ssm, g * n
+    """The two-kernel path (conv update, then the SSD step with the gate), then the norm kernel if any."""
     b = t["zxbcdt"].shape[0]
-    z, xbc, dt = t["zxbcdt"].split([d_ssm, cfg.conv_dim, h], dim=-1)
-    xbc = causal_conv1d_update(xbc, t["conv_state"], t["conv_weight"], t["conv_bias"], "silu")
-    xs, B, C = xbc.split([d_ssm, gs, gs], dim=-1)
-    y = ssd_step(t["ssm_state"], xs.reshape(b, h, p), dt, t["A_log"], B.reshape(b, g, n), C.reshape(b, g, n),
-                 t["D"], t["dt_bias"], dt_scale=0.9)
-    return gated_rms_norm(y.reshape(b, d_ssm), z, norm_weight, eps=1e-5, n_groups=g, out_dtype=z.dtype, z_scale=0.8)
+    y = _two_kernels(**t, n_groups=cfg.mamba_n_groups, d_state=cfg.mamba_d_state, dt_limit=INF_LIMIT, dt_scale=0.9,
+                     z_scale=0.8, gate=True, state_indices=None).reshape(b, cfg.d_ssm)
+    return rms_norm(y, norm_weight, 1e-5) if norm_weight is not None else y
 
 
 def fused(cfg: FalconH1Config, t: dict, norm_weight, sync, launch=None):
@@ -84,7 +81,7 @@ def fused(cfg: FalconH1Config, t: dict, norm_weight, sync, launch=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["0.5B", "7B"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8, 16, 64])
     parser.add_argument("--sweep", action="store_true", help="time every (BP, num_warps) of the fused kernel")
     args = parser.parse_args()
     emit(device=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -106,7 +103,7 @@ def main():
             bp, _, warps = block_rows(cfg.mamba_head_dim, cfg.mamba_d_state)
             runs = {"sequence": lambda: sequence(cfg, t, norm_weight),
                     f"fused BP{bp} w{warps}": lambda: fused(cfg, t, norm_weight, sync)}
-            if args.sweep:
+            if args.sweep and batch <= 8:  # the fused kernel's range (mamba_decode.FUSED_MAX_ROWS)
                 for bp_s in (2, 4, 8, 16, 32):
                     for w in (4, 8):
                         runs[f"fused BP{bp_s} w{w}"] = lambda bp_s=bp_s, w=w: fused(cfg, t, norm_weight, sync,

@@ -144,6 +144,30 @@ def test_public_entry_on_cpu_takes_the_reference_and_updates_in_place():
         assert torch.equal(inputs[name][1], before[name][1])
 
 
+def test_many_rows_take_the_two_kernel_path_with_the_same_result(monkeypatch):
+    """Above FUSED_MAX_ROWS the dispatch runs the conv-update and SSD-step kernels (gate in the step's epilogue, with
+    its z factor): same contract, checked against float64 (kernels run on CPU tensors in the interpreter)."""
+    from gyrfalcon.ops import conv, dispatch, mamba_decode, ssd
+
+    for module in (conv, mamba_decode, ssd):
+        monkeypatch.setattr(module, "kernels_enabled", lambda *tensors: not dispatch.reference_forced())
+    monkeypatch.setattr(mamba_decode_triton, "mamba_step_triton", None)  # would raise if the fused path ran
+    gen = torch.Generator().manual_seed(6)
+    b = mamba_decode.FUSED_MAX_ROWS + 2
+    h, p, g, n, k = 4, 3, 2, 8, 4
+    inputs = {name: (t.cpu() if t is not None else None) for name, t in
+              _layer(gen, b=b, slots=b + 1, h=h, p=p, g=g, n=n, k=k, dtype=torch.float32).items()}
+    idx = torch.randperm(b + 1, generator=gen)[:b]
+    for gate in (True, False):
+        kw = dict(n_groups=g, d_state=n, dt_scale=1.3, z_scale=0.6, gate=gate)
+        y_ref, conv_ref, ssm_ref = _exact(inputs, idx, **kw)
+        live = {**inputs, "conv_state": inputs["conv_state"].clone(), "ssm_state": inputs["ssm_state"].clone()}
+        y = mamba_step(**live, state_indices=idx, **kw)
+        assert rel_err(y, y_ref) <= FP32_TOL
+        assert rel_err(live["ssm_state"], ssm_ref) <= FP32_TOL
+        assert torch.equal(live["conv_state"].to(F64), conv_ref)
+
+
 def test_bad_shapes_are_refused_with_the_expected_shape():
     gen = torch.Generator().manual_seed(1)
     inputs = _layer(gen, b=1, slots=1, h=2, p=4, g=1, n=8, k=4, dtype=torch.float32)
@@ -159,10 +183,11 @@ def test_bad_shapes_are_refused_with_the_expected_shape():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", ["0.5B", "7B", "34B"])
-def test_gpu_released_shapes_with_slots_and_large_dt(shape):
-    """The default launch (block_rows) at the released layer shapes (34B: two B/C groups), 16 rows in 24 slots
-    through two steps, with some dt values far out in softplus's linear range: finite, within the bf16 floor of the
-    float64 reference, conv windows exact."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_released_shapes_with_slots_and_large_dt(shape, fused):
+    """The fused kernel's default launch (block_rows), and the dispatch at 16 rows (the two-kernel path), at the
+    released layer shapes (34B: two B/C groups), 16 rows in 24 slots through two steps, with some dt values far out
+    in softplus's linear range: finite, within the bf16 floor of the float64 reference, conv windows exact."""
     from gyrfalcon import FalconH1Config
 
     cfg = FalconH1Config.from_preset(shape)
@@ -176,8 +201,9 @@ def test_gpu_released_shapes_with_slots_and_large_dt(shape):
     sync = torch.zeros(16 * g, dtype=torch.int32, device=DEV)
     live = {**inputs, "conv_state": inputs["conv_state"].clone(), "ssm_state": inputs["ssm_state"].clone()}
     exact = {name: (t.to(F64).clone() if t is not None else None) for name, t in inputs.items()}
+    step = mamba_decode_triton.mamba_step_triton if fused else mamba_step
     for _ in range(2):
-        y = mamba_step(**live, state_indices=idx, sync=sync, **kw)
+        y = step(**live, state_indices=idx, sync=sync, **kw)
         y_ref = mamba_step_ref(**exact, state_indices=idx, **kw)
         assert torch.isfinite(y).all()
         assert rel_err(y, y_ref) <= 2 * BF16_FLOOR

@@ -15,8 +15,11 @@ update and output, the D skip and (optionally) the y * silu(z) gate.
     sync         (b * n_groups,) int32 zeros, the kernel's workspace (left zero again); allocated when None
 
 It is `causal_conv1d_update` followed by `ssd_step` (and the gate): the reference below is exactly that. The Triton
-kernel (mamba_decode_triton.py) does it in one launch instead of two or three: at decode every launch costs more than
-the little data these ops touch (a layer's conv state is a few KB per row).
+kernel (mamba_decode_triton.py) does it in one launch instead of two: at small batch every launch costs more than the
+little data these ops touch (a layer's conv state is a few KB per row). At large batch the op is bound by the SSM
+state's traffic, and there the fused kernel's per-program recomputation of the B/C conv and its counters cost more
+than the launch they save (H100, bench/mamba_decode_kernels.py: 0.5B shape, batch 1: 4.6 us fused against 6.3 us
+for the sequence; batch 64: 49-71 us against 46 us), so above FUSED_MAX_ROWS rows the two kernels run instead.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .conv import causal_conv1d_update_ref
+from .conv import causal_conv1d_update, causal_conv1d_update_ref
 from .dispatch import KERNEL_DTYPES, kernels_enabled
-from .ssd import INF_LIMIT, ssd_step_ref
+from .ssd import INF_LIMIT, ssd_step, ssd_step_ref
+
+FUSED_MAX_ROWS = 8  # rows up to which the fused kernel runs (see the module docstring)
 
 
 def mamba_step_ref(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, *, n_groups: int,
@@ -55,10 +60,14 @@ def mamba_step_ref(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log,
 def mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, *, n_groups: int,
                d_state: int, dt_limit=INF_LIMIT, dt_scale: float = 1.0, z_scale: float = 1.0, gate: bool = True,
                state_indices=None, sync=None):
-    """Dispatching entry (contract in the module docstring): the fused kernel on CUDA for fp32 states and 16/32-bit
-    activations, the reference elsewhere."""
+    """Dispatching entry (contract in the module docstring): on CUDA, for fp32 states and 16/32-bit activations, the
+    fused kernel up to FUSED_MAX_ROWS rows and the conv-update and SSD-step kernels above; the reference elsewhere."""
     if (kernels_enabled(zxbcdt, conv_state, ssm_state, conv_weight) and ssm_state.dtype == torch.float32
             and zxbcdt.dtype in KERNEL_DTYPES and conv_state.dtype in KERNEL_DTYPES):
+        if zxbcdt.shape[0] > FUSED_MAX_ROWS:
+            return _two_kernels(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
+                                n_groups=n_groups, d_state=d_state, dt_limit=dt_limit, dt_scale=dt_scale,
+                                z_scale=z_scale, gate=gate, state_indices=state_indices)
         from .mamba_decode_triton import mamba_step_triton
         return mamba_step_triton(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
                                  n_groups=n_groups, d_state=d_state, dt_limit=dt_limit, dt_scale=dt_scale,
@@ -66,3 +75,20 @@ def mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, 
     return mamba_step_ref(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
                           n_groups=n_groups, d_state=d_state, dt_limit=dt_limit, dt_scale=dt_scale, z_scale=z_scale,
                           gate=gate, state_indices=state_indices)
+
+
+def _two_kernels(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, *, n_groups, d_state,
+                 dt_limit, dt_scale, z_scale, gate, state_indices):
+    """The large-batch path: the conv update, then the SSD step with the gate in its epilogue."""
+    b = zxbcdt.shape[0]
+    h = A_log.shape[0]
+    conv_dim = conv_weight.shape[0]
+    gs = n_groups * d_state
+    d_ssm = conv_dim - 2 * gs
+    z, xbc, dt = zxbcdt.split([d_ssm, conv_dim, h], dim=-1)
+    xbc = causal_conv1d_update(xbc, conv_state, conv_weight, conv_bias, "silu", state_indices)
+    xs, B, C = xbc.split([d_ssm, gs, gs], dim=-1)
+    return ssd_step(ssm_state, xs.reshape(b, h, d_ssm // h), dt, A_log, B.reshape(b, n_groups, d_state),
+                    C.reshape(b, n_groups, d_state), D, dt_bias, dt_limit=dt_limit,
+                    z=z.reshape(b, h, d_ssm // h) if gate else None, state_indices=state_indices, dt_scale=dt_scale,
+                    z_scale=z_scale)

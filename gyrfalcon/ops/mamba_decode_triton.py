@@ -114,13 +114,11 @@ def _mamba_step_kernel(zx_ptr, s_zx, conv_ptr, s_cs, s_cd, s_ck, w_ptr, s_wd, s_
 
 
 def block_rows(p: int, n: int) -> tuple[int, int, int]:
-    """(BP, BN, num_warps): state rows per program, the padded d_state and the warps. 16 fp32 state elements per
-    thread: a program's B/C conv (recomputed by each program of a group, from L2) stays small next to its state tile,
-    and there are still several programs per SM at batch 1 (7B: 8 x 24 heads)."""
-    bn = max(16, triton.next_power_of_2(n))
-    warps = 4 if bn <= 128 else 8
-    bp = max(1, min(triton.next_power_of_2(p), 16 * 32 * warps // bn))
-    return bp, bn, warps
+    """(BP, BN, num_warps): state rows per program, the padded d_state and the warps. 16 rows and 8 warps: the best
+    or within 2% of the best of the (BP, warps) sweep at batch 1 (bench/mamba_decode_kernels.py --sweep, H100:
+    0.5B 4.6 us, 7B within noise of the fastest); fewer rows per program mean more programs each recomputing the
+    group's B/C conv, more rows mean too few programs to fill the GPU at batch 1."""
+    return min(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n)), 8
 
 
 def mamba_step_triton(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, *, n_groups: int,

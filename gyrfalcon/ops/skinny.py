@@ -12,7 +12,8 @@ with its pure-PyTorch reference. Inference only (no gradient).
 
 n(x) = rms_norm_ref(x, norm_weight, eps) (ops/norm.py) with norm_weight (K,), or x itself where norm_weight is None:
 the RMSNorm before the product folded into it (the kernels read each whole x row anyway), saving the norm's own
-launch. Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels
+launch; folded at one row only (FOLD_MAX_ROWS: measured), more rows run the norm kernel before the product.
+Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels
 (skinny_triton.py) run for M <= MAX_ROWS on CUDA, accumulate in fp32 and round once (the normed x is not rounded
 at all); the references round the normed x and each product to the model dtype first, as the layer's unfused path
 does. The kernels take a norm weight of any kernel dtype (read in fp32), contiguous, on x's device (norm_ok);
@@ -28,6 +29,19 @@ from .dispatch import KERNEL_DTYPES, kernels_enabled
 from .norm import rms_norm_ref
 
 MAX_ROWS = 4  # above this many rows cuBLAS's tensor-core kernels are the better choice
+# Measured on the H100 (bench/skinny_kernels.py, 2026-11-23): folding the norm pays at one row (0.5B shape 1.1-1.3x,
+# 7B 1.0-1.1x against the norm kernel + the product) but costs at four rows at the 7B shape (0.8-0.92x: the per-row
+# sums and scaled x tiles crowd the registers of four-row tiles), so more rows run the norm kernel first.
+FOLD_MAX_ROWS = 1
+
+
+def _fold_or_norm(x, norm_weight, eps: float):
+    """(x, norm_weight) for the kernel: unchanged where the fold pays, else x normed by the norm kernel and no
+    weight left to fold."""
+    if norm_weight is None or x.shape[0] <= FOLD_MAX_ROWS:
+        return x, norm_weight
+    from .norm import rms_norm
+    return rms_norm(x, norm_weight, eps).to(x.dtype), None
 
 
 def _normed(x, norm_weight, eps: float):
@@ -79,6 +93,7 @@ def multi_linear(x, weights, norm_weight=None, eps: float = 0.0):
     if (skinny_ok(x, *weights) and norm_ok(x, norm_weight) and 1 <= len(weights) <= 4
             and len({w.shape[1] for w in weights}) == 1):
         from .skinny_triton import multi_linear_triton
+        x, norm_weight = _fold_or_norm(x, norm_weight, eps)
         out = torch.empty(x.shape[0], sum(w.shape[0] for w in weights), dtype=x.dtype, device=x.device)
         return multi_linear_triton(x, weights, out, norm_weight, eps)
     return multi_linear_ref(x, weights, norm_weight, eps)
@@ -88,6 +103,7 @@ def dual_linear_residual(res, x1, w1, s1: float, x2, w2, s2: float, norm_weight=
     if (skinny_ok(x1, w1, w2) and skinny_ok(x2, w2) and norm_ok(x1, norm_weight) and res.is_contiguous()
             and res.dtype == x1.dtype):
         from .skinny_triton import MODE_SUM, pair_linear_triton
+        x1, norm_weight = _fold_or_norm(x1, norm_weight, eps)
         return pair_linear_triton(x1, w1, x2, w2, res, torch.empty_like(res), s1, s2, MODE_SUM, norm_weight, eps)
     return dual_linear_residual_ref(res, x1, w1, s1, x2, w2, s2, norm_weight, eps)
 
@@ -102,6 +118,7 @@ def linear_residual(res, x, w, s: float):
 def linear_swiglu(x, w_gate, w_up, gate_multiplier: float, norm_weight=None, eps: float = 0.0):
     if skinny_ok(x, w_gate, w_up) and norm_ok(x, norm_weight) and w_gate.shape == w_up.shape:
         from .skinny_triton import MODE_SWIGLU, pair_linear_triton
+        x, norm_weight = _fold_or_norm(x, norm_weight, eps)
         out = torch.empty(x.shape[0], w_gate.shape[0], dtype=x.dtype, device=x.device)
         return pair_linear_triton(x, w_gate, None, w_up, None, out, gate_multiplier, 0.0, MODE_SWIGLU, norm_weight,
                                   eps)

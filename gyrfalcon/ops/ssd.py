@@ -161,22 +161,23 @@ def ssd_step_ref(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus
 
 
 def ssd_step(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus: bool = True, dt_limit=INF_LIMIT,
-             z=None, state_indices=None, dt_scale: float = 1.0):
+             z=None, state_indices=None, dt_scale: float = 1.0, z_scale: float = 1.0):
     """One decode token for a batch. state (num_slots, h, p, n) fp32 is updated IN PLACE: row i uses slot
     state_indices[i] (slot i when None); x (b, h, p); dt (b, h), times dt_scale (the dt block's µP factor, applied
-    as dt is read); B, C (b, g, n); z (b, h, p) optional gate.
-    Returns y (b, h, p) in x's dtype (times silu(z) when z is given). Triton kernel on CUDA, ssd_step_ref otherwise."""
+    as dt is read); B, C (b, g, n); z (b, h, p) optional gate, times z_scale (the z block's µP factor).
+    Returns y (b, h, p) in x's dtype (times silu(z_scale z) when z is given). Triton kernel on CUDA, ssd_step_ref
+    otherwise."""
     if kernels_enabled(state, x) and state.dtype == torch.float32 and x.dtype != torch.float64:
         from .ssd_triton import ssd_step_triton
 
         return ssd_step_triton(state, x, dt, A_log, B, C, D, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                               z=z, state_indices=state_indices, dt_scale=dt_scale)
+                               z=z, state_indices=state_indices, dt_scale=dt_scale, z_scale=z_scale)
     slots = state_indices if state_indices is not None else torch.arange(x.shape[0], device=state.device)
     y, new_state = ssd_step_ref(state[slots], x, dt, A_log, B, C, D, dt_bias, dt_softplus=dt_softplus,
                                 dt_limit=dt_limit, dt_scale=dt_scale)
     state[slots] = new_state.to(state.dtype)
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        y = y * F.silu(z.to(y.dtype) * z_scale)
     return y.to(x.dtype)
 
 

@@ -404,7 +404,7 @@ def _fwd_out_kernel(x_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_ptr, stat
 
 @triton.jit
 def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_ptr, y_ptr,
-                 hpg, p, n, lo, hi, dt_scale,
+                 hpg, p, n, lo, hi, dt_scale, z_scale,
                  s_ss, s_sh, s_sp, s_sn, s_xb, s_xh, s_xp, s_db, s_dh, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
                  s_zb, s_zh, s_zp, s_yb, s_yh, s_yp,
                  BP: tl.constexpr, BN: tl.constexpr, HAS_IDX: tl.constexpr, HAS_D: tl.constexpr,
@@ -439,17 +439,18 @@ def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_p
     if HAS_D:
         y += tl.load(D_ptr + hd).to(tl.float32) * x
     if HAS_Z:
-        z = tl.load(z_ptr + b * s_zb + hd * s_zh + rp * s_zp, mask=mp, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b * s_zb + hd * s_zh + rp * s_zp, mask=mp, other=0.0).to(tl.float32) * z_scale
         y = y * z / (1.0 + tl.exp(-z))
     _store(y_ptr + b * s_yb + hd * s_yh + rp * s_yp, y, mp, INTERP)
 
 
 def ssd_step_triton(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus: bool = True,
-                    dt_limit=(0.0, math.inf), z=None, state_indices=None, dt_scale: float = 1.0):
+                    dt_limit=(0.0, math.inf), z=None, state_indices=None, dt_scale: float = 1.0,
+                    z_scale: float = 1.0):
     """One token of the recurrence for a batch. state (num_slots, h, p, n) fp32, updated IN PLACE (row i uses slot
     state_indices[i], or slot i); x (b, h, p); dt (b, h), multiplied by dt_scale (in fp32) as it is read; B, C
-    (b, g, n); z (b, h, p) optional gate.
-    Returns y (b, h, p) in x's dtype: new_state . C + D x, times silu(z) when z is given."""
+    (b, g, n); z (b, h, p) optional gate, multiplied by z_scale (in fp32) as it is read.
+    Returns y (b, h, p) in x's dtype: new_state . C + D x, times silu(z_scale z) when z is given."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     if state.dtype != torch.float32:
@@ -464,7 +465,7 @@ def ssd_step_triton(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softp
     zz = z if z is not None else x
     _step_kernel[(triton.cdiv(p, bp), b, h)](
         state, state_indices, x, dt, A_log, B, C, D, dt_bias, zz, y,
-        h // g, p, n, lo, hi, float(dt_scale),
+        h // g, p, n, lo, hi, float(dt_scale), float(z_scale),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
         BP=bp, BN=bn, HAS_IDX=state_indices is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
         HAS_Z=z is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, INTERP=_INTERPRET, num_warps=warps)
