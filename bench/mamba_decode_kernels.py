@@ -63,11 +63,11 @@ def layer(cfg: FalconH1Config, batch: int):
     )
 
 
-def sequence(cfg: FalconH1Config, t: dict, norm_weight):
+def sequence(cfg: FalconH1Config, t: dict, norm_weight, step_launch=None):
     """The two-kernel path (conv update, then the SSD step with the gate), then the norm kernel if any."""
     b = t["zxbcdt"].shape[0]
     y = _two_kernels(**t, n_groups=cfg.mamba_n_groups, d_state=cfg.mamba_d_state, dt_limit=INF_LIMIT, dt_scale=0.9,
-                     z_scale=0.8, gate=True, state_indices=None).reshape(b, cfg.d_ssm)
+                     z_scale=0.8, gate=True, state_indices=None, step_launch=step_launch).reshape(b, cfg.d_ssm)
     return rms_norm(y, norm_weight, 1e-5) if norm_weight is not None else y
 
 
@@ -103,6 +103,9 @@ def main():
             bp, _, warps = block_rows(cfg.mamba_head_dim, cfg.mamba_d_state)
             runs = {"sequence": lambda: sequence(cfg, t, norm_weight),
                     f"fused BP{bp} w{warps}": lambda: fused(cfg, t, norm_weight, sync)}
+            if args.sweep and batch > 8:  # the two-kernel range: the SSD step's (BP, num_warps)
+                for bp_s, w in ((4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8)):
+                    runs[f"step BP{bp_s} w{w}"] = lambda bp_s=bp_s, w=w: sequence(cfg, t, norm_weight, (bp_s, w))
             if args.sweep and batch <= 8:  # the fused kernel's range (mamba_decode.FUSED_MAX_ROWS)
                 for bp_s in (2, 4, 8, 16, 32):
                     for w in (4, 8):

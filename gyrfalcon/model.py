@@ -359,15 +359,17 @@ class FalconH1Model(nn.Module):
                 hidden = layer(hidden, cos, sin, padding_mask, seq_idx)
         return self.final_layernorm(hidden)
 
-    def forward_cached(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None, step) -> torch.Tensor:
-        """The layers over a CacheStep (cache.py): positions and RoPE frequencies come from the cache."""
+    def forward_cached(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None, step,
+                       final_norm: bool = True) -> torch.Tensor:
+        """The layers over a CacheStep (cache.py): positions and RoPE frequencies come from the cache. final_norm=False
+        leaves the final RMSNorm to the caller (a decode step folds it into the lm_head product)."""
         cache = step.cache
         cos, sin = ops.rope_cos_sin(step.positions, cache.rope_inv_freq(step.positions), cache.rope_scaling,
                                     hidden.dtype)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, sin, padding_mask, None, step.layer(i))
         step.finish()
-        return self.final_layernorm(hidden)
+        return self.final_layernorm(hidden) if final_norm else hidden
 
 
 def check_document_order(seq_idx: torch.Tensor) -> None:
@@ -552,8 +554,13 @@ class FalconH1ForCausalLM(nn.Module):
         at least every row's length + 1 (gyrfalcon.cache.kv_bucket: the CUDA-graph buckets). Reads nothing back to the
         host and changes no host state, so it can be captured in a CUDA graph (rope types other than dynamic)."""
         hidden = self.model.embed(input_ids[:, None])
-        hidden = self.model.forward_cached(hidden, None, cache.decode_step(kv_len))
-        return self.lm_head(hidden[:, 0]) * self.config.lm_head_multiplier
+        hidden = self.model.forward_cached(hidden, None, cache.decode_step(kv_len), final_norm=False)[:, 0]
+        norm, head = self.model.final_layernorm, self.lm_head
+        if type(head) is nn.Linear and head.bias is None and ops.skinny_ok(hidden, head.weight):
+            # few rows: the final norm, the lm_head product and its µP factor in one kernel (ops/skinny.py)
+            return ops.linear_scaled(hidden, head.weight, self.config.lm_head_multiplier, norm_weight=norm.weight,
+                                     eps=norm.eps)
+        return head(norm(hidden)) * self.config.lm_head_multiplier
 
     @staticmethod
     def _padding_mask(attention_mask: torch.Tensor | None, b: int, l: int) -> torch.Tensor | None:

@@ -129,9 +129,10 @@ def test_pair_epilogues_fold_rms_norm_of_x1(dtype, m):
     assert_norm_matters(got, skinny.linear_swiglu_ref, (x1, w1, w_up, 0.6), nw32)
 
 
-def test_norm_weight_is_rms_norm_ref_then_the_plain_op(monkeypatch):
+@pytest.mark.parametrize("m", [1, 3])  # one row folds the norm (FOLD_MAX_ROWS); three run the norm first
+def test_norm_weight_is_rms_norm_ref_then_the_plain_op(monkeypatch, m):
     gen = torch.Generator().manual_seed(3)
-    m, k, n = 3, 24, 10
+    k, n = 24, 10
     x, nw = normed_rows(m, k, torch.float32, gen, nw_dtype=torch.float32)
     w1, w2 = rand(n, k, dtype=torch.float32, gen=gen), rand(n, k, dtype=torch.float32, gen=gen)
     x2, res = rand(m, k, dtype=torch.float32, gen=gen), rand(m, n, dtype=torch.float32, gen=gen)
@@ -140,6 +141,7 @@ def test_norm_weight_is_rms_norm_ref_then_the_plain_op(monkeypatch):
         "multi_linear": lambda x, *norm: skinny.multi_linear(x, [w1, w2], *norm),
         "dual_linear_residual": lambda x, *norm: skinny.dual_linear_residual(res, x, w1, 0.7, x2, w2, -1.3, *norm),
         "linear_swiglu": lambda x, *norm: skinny.linear_swiglu(x, w1, w2, 0.6, *norm),
+        "linear_scaled": lambda x, *norm: skinny.linear_scaled(x, w1, 0.45, *norm),
     }
     for name, op in ops.items():
         assert torch.equal(op(x, nw, EPS), op(h)), name  # the reference path (as on a CPU)

@@ -11,7 +11,7 @@ from .loss import causal_lm_loss, causal_lm_loss_ref, linear_cross_entropy, shif
 from .mamba_decode import mamba_step, mamba_step_ref
 from .norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
-from .skinny import dual_linear_residual, linear_residual, linear_swiglu, multi_linear, skinny_ok
+from .skinny import dual_linear_residual, linear_residual, linear_scaled, linear_swiglu, multi_linear, skinny_ok
 from .ssd import ssd_scan, ssd_scan_ref, ssd_sequential_ref, ssd_step, ssd_step_ref
 
 __all__ = [
@@ -22,5 +22,5 @@ __all__ = [
     "gated_rms_norm_ref", "rms_norm", "rms_norm_ref", "apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq",
     "mamba_step", "mamba_step_ref", "ssd_scan", "ssd_scan_ref", "ssd_sequential_ref", "ssd_step", "ssd_step_ref",
     "residual_add", "residual_mix", "residual_mix_norm", "rope_store_decode", "swiglu",
-    "dual_linear_residual", "linear_residual", "linear_swiglu", "multi_linear", "skinny_ok",
+    "dual_linear_residual", "linear_residual", "linear_scaled", "linear_swiglu", "multi_linear", "skinny_ok",
 ]

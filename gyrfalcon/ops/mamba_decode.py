@@ -78,8 +78,9 @@ def mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, 
 
 
 def _two_kernels(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, *, n_groups, d_state,
-                 dt_limit, dt_scale, z_scale, gate, state_indices):
-    """The large-batch path: the conv update, then the SSD step with the gate in its epilogue."""
+                 dt_limit, dt_scale, z_scale, gate, state_indices, step_launch=None):
+    """The large-batch path: the conv update, then the SSD step with the gate in its epilogue (step_launch: the
+    step kernel's (BP, num_warps), for benchmarks)."""
     b = zxbcdt.shape[0]
     h = A_log.shape[0]
     conv_dim = conv_weight.shape[0]
@@ -88,7 +89,12 @@ def _two_kernels(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D
     z, xbc, dt = zxbcdt.split([d_ssm, conv_dim, h], dim=-1)
     xbc = causal_conv1d_update(xbc, conv_state, conv_weight, conv_bias, "silu", state_indices)
     xs, B, C = xbc.split([d_ssm, gs, gs], dim=-1)
+    z = z.reshape(b, h, d_ssm // h) if gate else None
+    if step_launch is not None:
+        from .ssd_triton import ssd_step_triton
+        return ssd_step_triton(ssm_state, xs.reshape(b, h, d_ssm // h), dt, A_log, B.reshape(b, n_groups, d_state),
+                               C.reshape(b, n_groups, d_state), D, dt_bias, dt_limit=dt_limit, z=z,
+                               state_indices=state_indices, dt_scale=dt_scale, z_scale=z_scale, launch=step_launch)
     return ssd_step(ssm_state, xs.reshape(b, h, d_ssm // h), dt, A_log, B.reshape(b, n_groups, d_state),
-                    C.reshape(b, n_groups, d_state), D, dt_bias, dt_limit=dt_limit,
-                    z=z.reshape(b, h, d_ssm // h) if gate else None, state_indices=state_indices, dt_scale=dt_scale,
-                    z_scale=z_scale)
+                    C.reshape(b, n_groups, d_state), D, dt_bias, dt_limit=dt_limit, z=z, state_indices=state_indices,
+                    dt_scale=dt_scale, z_scale=z_scale)

@@ -7,6 +7,7 @@ with its pure-PyTorch reference. Inference only (no gradient).
         res + s1 n(x1) @ w1.T + s2 x2 @ w2.T -> (M, N): the Mamba out_proj and attention o_proj into the residual,
         with their µP factors (the norm, if any, on x1 only)
     linear_residual(res, x, w, s)                 res + s x @ w.T            down_proj into the residual
+    linear_scaled(x, w, s, norm_weight=None, eps=0.0)   s n(x) @ w.T    the final norm, lm_head and its µP factor
     linear_swiglu(x, w_gate, w_up, gate_multiplier, norm_weight=None, eps=0.0)
         (n(x) @ w_up.T) * silu(gate_multiplier n(x) @ w_gate.T)
 
@@ -64,6 +65,10 @@ def linear_residual_ref(res, x, w, s: float):
     return res + (x @ w.T) * s
 
 
+def linear_scaled_ref(x, w, s: float, norm_weight=None, eps: float = 0.0):
+    return (_normed(x, norm_weight, eps) @ w.T) * s
+
+
 def linear_swiglu_ref(x, w_gate, w_up, gate_multiplier: float, norm_weight=None, eps: float = 0.0):
     x = _normed(x, norm_weight, eps)
     return (x @ w_up.T) * F.silu((x @ w_gate.T) * gate_multiplier)
@@ -113,6 +118,15 @@ def linear_residual(res, x, w, s: float):
         from .skinny_triton import MODE_SUM, pair_linear_triton
         return pair_linear_triton(x, w, None, None, res, torch.empty_like(res), s, 0.0, MODE_SUM)
     return linear_residual_ref(res, x, w, s)
+
+
+def linear_scaled(x, w, s: float, norm_weight=None, eps: float = 0.0):
+    if skinny_ok(x, w) and norm_ok(x, norm_weight):
+        from .skinny_triton import MODE_SUM, pair_linear_triton
+        x, norm_weight = _fold_or_norm(x, norm_weight, eps)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        return pair_linear_triton(x, w, None, None, None, out, s, 0.0, MODE_SUM, norm_weight, eps)
+    return linear_scaled_ref(x, w, s, norm_weight, eps)
 
 
 def linear_swiglu(x, w_gate, w_up, gate_multiplier: float, norm_weight=None, eps: float = 0.0):

@@ -446,11 +446,12 @@ def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_p
 
 def ssd_step_triton(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softplus: bool = True,
                     dt_limit=(0.0, math.inf), z=None, state_indices=None, dt_scale: float = 1.0,
-                    z_scale: float = 1.0):
+                    z_scale: float = 1.0, launch: tuple[int, int] | None = None):
     """One token of the recurrence for a batch. state (num_slots, h, p, n) fp32, updated IN PLACE (row i uses slot
     state_indices[i], or slot i); x (b, h, p); dt (b, h), multiplied by dt_scale (in fp32) as it is read; B, C
     (b, g, n); z (b, h, p) optional gate, multiplied by z_scale (in fp32) as it is read.
-    Returns y (b, h, p) in x's dtype: new_state . C + D x, times silu(z_scale z) when z is given."""
+    Returns y (b, h, p) in x's dtype: new_state . C + D x, times silu(z_scale z) when z is given.
+    launch=(BP, num_warps) overrides the state rows per program and the warps (benchmarks)."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     if state.dtype != torch.float32:
@@ -461,6 +462,8 @@ def ssd_step_triton(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softp
     bn = max(16, triton.next_power_of_2(n))
     warps = 4 if bn <= 128 else 8
     bp = max(1, min(triton.next_power_of_2(p), 128 * warps // bn))   # 4 state elements (16 bytes) per thread
+    if launch is not None:
+        bp, warps = launch
     lo, hi, has_limit = _limits(dt_limit)
     zz = z if z is not None else x
     _step_kernel[(triton.cdiv(p, bp), b, h)](
