@@ -1,10 +1,9 @@
 """Triton causal conv1d kernels (gyrfalcon/ops/conv_triton.py) against the float64 reference: forward, every gradient
 (x, weight, bias, initial state, and through the final state), packed documents, state carry-over between pieces,
-strided inputs, and the decode update (step by step == the whole sequence; slot selection). Both kernel families
-(the row walk and the 2-D tiles, the latter with either way of shifting the input-gradients) pass the same checks.
+strided inputs, and the decode update (step by step == the whole sequence; slot selection).
 
 Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes
-are small and odd, with launch shapes of small blocks, chunks and tiles so that every boundary is crossed.
+are small and odd, with a launch shape of small blocks and chunks so that every boundary is crossed.
 The `gpu` tests run the real model shapes in bf16: python -m pytest tests/test_kernels_conv.py -m gpu
 """
 
@@ -16,18 +15,12 @@ import torch
 pytest.importorskip("triton")
 
 from gyrfalcon.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
-from gyrfalcon.ops import conv_triton  # noqa: E402
 from gyrfalcon.ops.conv_triton import (ConvLaunch, causal_conv1d_triton,  # noqa: E402
                                        causal_conv1d_update_triton)
 from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
 F64 = torch.float64
 SMALL = ConvLaunch(block_d=16, chunk_l=8, unroll=4, num_warps=1)  # 37 channels -> 3 blocks, 37 tokens -> 5 chunks
-# 2-D tiles of 8 tokens: recomputing the shifted g, 37 tokens -> 5 tiles; gathering it, backward tiles overlap by
-# k-1 rows (37 tokens -> 8 tiles of 5 owned tokens for k = 4); there each program walks two tiles (both passes)
-TILE_RECOMPUTE = ConvLaunch(block_d=16, num_warps=1, tiled=True, block_l=8)
-TILE_GATHER = ConvLaunch(block_d=16, num_warps=1, tiled=True, block_l=8, g_shift="gather", tiles=2)
-LAUNCHES = pytest.mark.parametrize("launch", [SMALL, TILE_RECOMPUTE, TILE_GATHER], ids=["rows", "tiles", "gather"])
 gpu = pytest.mark.gpu
 
 
@@ -133,16 +126,15 @@ def test_packed_documents_equal_separate_runs():
         assert rel_err(got, want) <= 1e-5
 
 
-@LAUNCHES
-def test_two_pieces_with_carried_state_equal_whole(launch):
+def test_two_pieces_with_carried_state_equal_whole():
     """conv(x[:, :13]) -> final state -> conv(x[:, 13:], initial_state=...) equals conv(x); gradients flow back
     through the carried state into the first piece."""
     leaves, _ = make_inputs(2, 30, 19, 4)
     x, w, bias, h = leaves["x"], leaves["weight"], leaves["bias"], leaves["initial_state"]
     cots = cotangents_for(2, 30, 19, 4, True, torch.float32)
-    y, final = causal_conv1d_triton(x, w, bias, initial_state=h, return_final_state=True, launch=launch)
-    y1, s1 = causal_conv1d_triton(x[:, :13], w, bias, initial_state=h, return_final_state=True, launch=launch)
-    y2, s2 = causal_conv1d_triton(x[:, 13:], w, bias, initial_state=s1, return_final_state=True, launch=launch)
+    y, final = causal_conv1d_triton(x, w, bias, initial_state=h, return_final_state=True, launch=SMALL)
+    y1, s1 = causal_conv1d_triton(x[:, :13], w, bias, initial_state=h, return_final_state=True, launch=SMALL)
+    y2, s2 = causal_conv1d_triton(x[:, 13:], w, bias, initial_state=s1, return_final_state=True, launch=SMALL)
     assert rel_err(torch.cat([y1, y2], 1), y) <= 1e-6 and rel_err(s2, final) <= 1e-6
     whole = torch.autograd.grad((y.to(F64) * cots[0]).sum() + (final.to(F64) * cots[1]).sum(), [x, w, bias, h])
     pieces = torch.autograd.grad((torch.cat([y1, y2], 1).to(F64) * cots[0]).sum() + (s2.to(F64) * cots[1]).sum(),
@@ -151,15 +143,14 @@ def test_two_pieces_with_carried_state_equal_whole(launch):
         assert rel_err(got, want) <= 1e-5
 
 
-@LAUNCHES
-def test_strided_input_and_frozen_weight(launch):
+def test_strided_input_and_frozen_weight():
     """x as a channel slice of a wider tensor (as in_proj's output is split); weight and bias without gradients."""
     gen = torch.Generator().manual_seed(3)
     wide = torch.randn(2, 11, 50, generator=gen).to(DEV).requires_grad_()
     w = (torch.randn(23, 4, generator=gen) * 0.5).to(DEV)
     bias = torch.randn(23, generator=gen).to(DEV)
     cot = torch.randn(2, 11, 23, generator=gen).to(DEV, F64)
-    y = causal_conv1d_triton(wide[..., 20:43], w, bias, launch=launch)
+    y = causal_conv1d_triton(wide[..., 20:43], w, bias, launch=SMALL)
     (dwide,) = torch.autograd.grad((y.to(F64) * cot).sum(), [wide])
     wide64 = wide.detach().to(F64).requires_grad_()
     y64 = causal_conv1d_ref(wide64[..., 20:43], w.to(F64), bias.to(F64))
@@ -168,13 +159,12 @@ def test_strided_input_and_frozen_weight(launch):
     assert dwide[..., :20].abs().max() == 0 and dwide[..., 43:].abs().max() == 0
 
 
-@LAUNCHES
-def test_initial_state_without_gradient_still_feeds_the_backward(launch):
+def test_initial_state_without_gradient_still_feeds_the_backward():
     """A detached carried state (no gradient wanted) must still enter the recomputed pre-activations."""
     leaves, seq_idx = make_inputs(2, 11, 19, 4, seq=[[4, 7], [11]])
     leaves["initial_state"] = leaves["initial_state"].detach()
     cots = cotangents_for(2, 11, 19, 4, False, torch.float32)
-    outs, grads = run(causal_conv1d_triton, leaves, seq_idx, "silu", False, cots, launch=launch)
+    outs, grads = run(causal_conv1d_triton, leaves, seq_idx, "silu", False, cots, launch=SMALL)
     outs64, grads64 = run(causal_conv1d_ref, as_f64(leaves), seq_idx, "silu", False, cots)
     assert len(grads) == 3
     for got, want in zip(outs + grads, outs64 + grads64):
@@ -189,63 +179,6 @@ def test_bad_arguments_raise():
         causal_conv1d_triton(x, torch.randn(8, 4, device=DEV), activation="gelu")
     with pytest.raises(ValueError):
         causal_conv1d_triton(x, torch.randn(8, 4, device=DEV), initial_state=torch.randn(1, 8, 2, device=DEV))
-
-
-# ----------------------------------------------------------------------------------------------------- 2-D tiles
-
-TILED_CASES = CASES + [  # SiLU with k = 3 through documents and carried state; k = 2 without bias or state
-    (2, 19, 24, 3, True, True, [[5, 14], [19]], "silu", True),
-    (1, 9, 16, 2, False, False, None, "silu", False),
-]
-
-
-@pytest.mark.parametrize("launch", [TILE_RECOMPUTE, TILE_GATHER], ids=["tiles", "gather"])
-@pytest.mark.parametrize("b, l, d, k, bias, init, seq, activation, final", TILED_CASES)
-def test_tiled_fp32_forward_and_gradients_match_float64(b, l, d, k, bias, init, seq, activation, final, launch):
-    leaves, seq_idx = make_inputs(b, l, d, k, bias=bias, init=init, seq=seq)
-    cots = cotangents_for(b, l, d, k, final, torch.float32)
-    outs, grads = run(causal_conv1d_triton, leaves, seq_idx, activation, final, cots, launch=launch)
-    outs64, grads64 = run(causal_conv1d_ref, as_f64(leaves), seq_idx, activation, final, cots)
-    for got, want in zip(outs + grads, outs64 + grads64):
-        assert got.shape == want.shape
-        assert rel_err(got, want) <= 1e-5
-
-
-@pytest.mark.parametrize("fwd, bwd", [(TILE_RECOMPUTE, SMALL), (SMALL, TILE_GATHER)], ids=["tiles+rows", "rows+gather"])
-def test_families_mix_between_passes(fwd, bwd):
-    """launch_bwd overrides the backward's launch alone: either family's forward feeds either's backward."""
-    leaves, seq_idx = make_inputs(2, 21, 19, 4, seq=[[6, 15], [21]])
-    cots = cotangents_for(2, 21, 19, 4, True, torch.float32)
-    outs, grads = run(causal_conv1d_triton, leaves, seq_idx, "silu", True, cots, launch=fwd, launch_bwd=bwd)
-    outs64, grads64 = run(causal_conv1d_ref, as_f64(leaves), seq_idx, "silu", True, cots)
-    for got, want in zip(outs + grads, outs64 + grads64):
-        assert rel_err(got, want) <= 1e-5
-
-
-@pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, BF16_FLOOR), (torch.float16, 2 ** -11)])
-def test_tiled_low_precision_error_within_twice_eager(dtype, floor):
-    launch = TILE_RECOMPUTE if dtype == torch.bfloat16 else TILE_GATHER
-    for kernel, eager in low_precision_errors(dtype, 2, 37, 37, 4, [[20, 17], [37]], launch):
-        assert kernel <= 2 * eager + floor, (kernel, eager)
-
-
-def test_tiled_default_launch_matches_float64(monkeypatch):
-    """TILED switches default_launch to the tiles (128-channel blocks, tiles shortened to fill the SMs)."""
-    monkeypatch.setattr(conv_triton, "TILED", True)
-    assert conv_triton.default_launch(2, 37, 300, torch.device(DEV)).tiled
-    leaves, seq_idx = make_inputs(2, 37, 300, 4, seq=[[30, 7], [37]])
-    cots = cotangents_for(2, 37, 300, 4, True, torch.float32)
-    outs, grads = run(causal_conv1d_triton, leaves, seq_idx, "silu", True, cots)
-    outs64, grads64 = run(causal_conv1d_ref, as_f64(leaves), seq_idx, "silu", True, cots)
-    for got, want in zip(outs + grads, outs64 + grads64):
-        assert rel_err(got, want) <= 1e-5
-
-
-def test_tiled_launch_validation():
-    assert not conv_triton.default_launch(2, 37, 300, torch.device(DEV)).tiled      # the row walk stays the default
-    for bad in (dict(block_l=4), dict(block_l=24), dict(g_shift="shuffle"), dict(tiles=0)):
-        with pytest.raises(ValueError):
-            ConvLaunch(block_d=16, num_warps=1, tiled=True, **{"block_l": 8, **bad})
 
 
 # ----------------------------------------------------------------------------------------------------- decode update
@@ -291,10 +224,8 @@ SHAPES = {"0.5B": (4, 2048, 1536 + 2 * 128), "7B": (1, 8192, 3072 + 2 * 256), "3
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiles"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_gpu_real_shapes_bf16_within_twice_eager(name, tiled, monkeypatch):
-    monkeypatch.setattr(conv_triton, "TILED", tiled)
+def test_gpu_real_shapes_bf16_within_twice_eager(name):
     b, l, d = SHAPES[name]
     seq = [[l // 3, l // 2, l - l // 3 - l // 2]] * b
     for kernel, eager in low_precision_errors(torch.bfloat16, b, l, d, 4, seq, launch=None):
