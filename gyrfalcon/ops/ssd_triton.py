@@ -461,7 +461,9 @@ def ssd_step_triton(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softp
     y = torch.empty_like(x)
     bn = max(16, triton.next_power_of_2(n))
     warps = 4 if bn <= 128 else 8
-    bp = max(1, min(triton.next_power_of_2(p), 128 * warps // bn))   # 4 state elements (16 bytes) per thread
+    # 16 state elements per thread (BP 16 at the 0.5B and 7B shapes): at batch 64 (0.5B) 43.5 us against 45.4 us
+    # with 4 per thread (H100, bench/mamba_decode_kernels.py --sweep); below 9 rows the fused step runs instead.
+    bp = max(1, min(triton.next_power_of_2(p), 512 * warps // bn))
     if launch is not None:
         bp, warps = launch
     lo, hi, has_limit = _limits(dt_limit)
