@@ -7,8 +7,9 @@
               so prefill is excluded; tokens/s = batch / step time; bytes per step (flops.py) over the bandwidth
     kernels   one op as each system runs it (the SSD scan, the whole Mamba mixer, the one-token state update);
               milliseconds per call from CUDA events
-    maxlen    the longest sequence that trains at batch 1: doubling from maxlen_start, then bisection; a probe
-              fails on out-of-memory or when a step takes longer than probe_limit_s
+    maxlen    the longest sequence that trains at batch 1: after one untimed warm-up step at <= 1024 tokens,
+              doubling from maxlen_start, then bisection; a probe fails on out-of-memory or when a step takes
+              longer than probe_limit_s
 Every workload builds its own model (random init on the device, seeded) and frees it before the next one.
 An error inside a workload becomes a record with status oom / unsupported / unavailable / failed.
 """
@@ -342,6 +343,11 @@ def run_maxlen(ctx: Context, workload: Workload) -> None:
     cfg = FalconH1Config.from_preset(workload.shape)
     s = ctx.settings
     model, optimizer, _ = _train_setup(ctx, cfg)
+    # One untimed step at a short length first: one-time costs (a system's first-call kernel autotuning, over a
+    # minute for mamba_ssm) must not count as the first probe's step and end the search there.
+    warm_ids = random_ids(cfg.vocab_size, workload.params["batch"], min(s.maxlen_start, 1024), ctx.device, s.seed)
+    _train_step(ctx, model, optimizer, warm_ids, [], graphs=False)
+    free_memory(ctx.device)
     probes: list[dict] = []
     last: list[tuple[int, float]] = []      # (length, step seconds) of the last successful probe
 
