@@ -38,6 +38,9 @@ DTYPE = torch.bfloat16
 # name: (batch, seqlen, heads, head dim, groups, state, chunk)
 SCAN_SHAPES = [("0.5B", 4, 2048, 24, 64, 1, 128, 128), ("7B", 1, 2048, 24, 128, 1, 256, 256),
                ("7B", 1, 8192, 24, 128, 1, 256, 256)]
+GRID_SHAPES = [(name, b, l, h, p, 1, n, chunk) for name, h, p, n, chunk in (("0.5B", 24, 64, 128, 128),
+                                                                            ("7B", 24, 128, 256, 256))
+               for b in (1, 4) for l in (2048, 8192, 32768)]
 SHAPE_34B = ("34B", 1, 2048, 32, 128, 2, 256, 256)     # --with-34b (one more autotuning key for both libraries)
 STEP_SHAPES = [("0.5B", 1, 24, 64, 1, 128), ("0.5B", 16, 24, 64, 1, 128), ("7B", 1, 24, 128, 1, 256),
                ("7B", 16, 24, 128, 1, 256)]
@@ -231,14 +234,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-reference", action="store_true", help="skip timing the PyTorch reference")
     parser.add_argument("--with-34b", action="store_true", help="also the 34B shape (h=32, p=128, n=256, g=2)")
+    parser.add_argument("--grid", action="store_true",
+                        help="the per-op grid instead of the default shapes: 0.5B and 7B x batch 1, 4 x 2K, 8K, 32K")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/ssd_kernels.py needs a CUDA GPU")
     start = time.perf_counter()
     emit(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     mamba_scan, mamba_step = load_mamba()
+    shapes = GRID_SHAPES if args.grid else SCAN_SHAPES
     bench_scan(mamba_scan, with_reference=not args.no_reference,
-               shapes=SCAN_SHAPES + ([SHAPE_34B] if args.with_34b else []))
+               shapes=shapes + ([SHAPE_34B] if args.with_34b else []))
     bench_step(mamba_step)
     emit(total_s=round(time.perf_counter() - start, 1))
 
