@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from gyrfalcon import FalconH1Config
+from gyrfalcon.benchmark.timing import graph_replay_seconds
 from gyrfalcon.ops import rms_norm
 from gyrfalcon.ops.mamba_decode import _two_kernels
 from gyrfalcon.ops.mamba_decode_triton import block_rows, mamba_step_triton
@@ -29,24 +29,6 @@ HBM = 3.35e12
 
 def emit(**fields):
     print(json.dumps(fields), flush=True)
-
-
-def graph_us(fn, reps: int = 20, rounds: int = 5) -> float:
-    """Microseconds per call of fn, replayed from a CUDA graph of `reps` calls (best of `rounds` replays)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    best = float("inf")
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return best * 1e6
 
 
 def layer(cfg: FalconH1Config, batch: int):
@@ -111,7 +93,7 @@ def main():
                     for w in (4, 8):
                         runs[f"fused BP{bp_s} w{w}"] = lambda bp_s=bp_s, w=w: fused(cfg, t, norm_weight, sync,
                                                                                    (bp_s, w))
-            times = {name: graph_us(fn) for name, fn in runs.items()}
+            times = {name: graph_replay_seconds(fn) * 1e6 for name, fn in runs.items()}
             for name, us in times.items():
                 emit(shape=shape, batch=batch, impl=name, us=round(us, 2), bytes=moved,
                      hbm_share=round(moved / HBM / (us * 1e-6), 3),

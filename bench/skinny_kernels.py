@@ -23,28 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from gyrfalcon import FalconH1Config
+from gyrfalcon.benchmark.timing import graph_replay_seconds
 from gyrfalcon.ops import skinny, skinny_triton
 from gyrfalcon.ops.norm import rms_norm
 
 HBM = 3.35e12
-
-
-def graph_time(fn, reps: int = 20, rounds: int = 5) -> float:
-    """Seconds per call of fn, replayed from a CUDA graph of `reps` calls (best of `rounds` replays)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    best = float("inf")
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return best
 
 
 def layer_ops(cfg: FalconH1Config, rows: int):
@@ -116,13 +99,13 @@ def main(argv=None) -> int:
                 fused()
                 torch.cuda.synchronize()
                 first = time.perf_counter() - start
-                t_fused, t_cublas = graph_time(fused), graph_time(cublas)
+                t_fused, t_cublas = graph_replay_seconds(fused), graph_replay_seconds(cublas)
                 record = {"bench": "skinny_kernels", "shape": shape, "op": name, "rows": rows,
                           "weight_bytes": nbytes, "fused_us": t_fused * 1e6, "cublas_us": t_cublas * 1e6,
                           "speedup": t_cublas / t_fused, "fused_hbm_share": nbytes / t_fused / HBM,
                           "cublas_hbm_share": nbytes / t_cublas / HBM, "first_call_s": first, **env}
                 if unfolded is not None:
-                    t_unfolded = graph_time(unfolded)
+                    t_unfolded = graph_replay_seconds(unfolded)
                     record.update(unfolded_us=t_unfolded * 1e6, fold_speedup=t_unfolded / t_fused)
                 if args.configs:
                     record["configs"] = time_configs(fused)
@@ -139,7 +122,7 @@ def time_configs(fused) -> dict:
         for config in skinny_triton._configs():
             for k in kernels:
                 k.configs, k.cache = [config], {}
-            out[str(config)] = graph_time(fused) * 1e6
+            out[str(config)] = graph_replay_seconds(fused) * 1e6
     finally:
         for k, (configs, cache) in zip(kernels, saved):
             k.configs, k.cache = configs, cache

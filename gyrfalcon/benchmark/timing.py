@@ -50,6 +50,25 @@ class Timing:
                 "repeats": len(self.samples)}
 
 
+def graph_replay_seconds(fn: Callable[[], object], reps: int = 20, rounds: int = 5) -> float:
+    """Seconds per call of fn (CUDA), replayed from a CUDA graph of `reps` calls, best of `rounds` replays: launch
+    gaps count as they do in a graph-captured decode step, host overhead does not (the kernel benchmarks)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
 def repeats_within(limit_s: float, one_s: float, wanted: int) -> int:
     """How many timed repeats fit in `limit_s` when one takes `one_s` (at least 1, at most `wanted`)."""
     if one_s <= 0:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ssd_triton import _INTERPRET, _discretize, _limits, _store
+from .ssd_triton import _INTERPRET, _discretize, _limits, _state_step, _store
 
 
 @triton.jit
@@ -90,10 +90,7 @@ def _mamba_step_kernel(zx_ptr, s_zx, conv_ptr, s_cs, s_cd, s_ck, w_ptr, s_wd, s_
     A = -tl.exp(tl.load(A_log_ptr + hd).to(tl.float32))
     sptr = state_ptr + slot * s_ss + hd * s_sh + rp[:, None] * s_sp + rn[None, :] * s_sn
     smask = mp[:, None] & mn[None, :]
-    S = tl.load(sptr, mask=smask, other=0.0)
-    S = S * tl.exp(dtv * A) + (dtv * xv)[:, None] * Bv[None, :]
-    tl.store(sptr, S, mask=smask)
-    y = tl.sum(S * Cv[None, :], axis=1)
+    y = _state_step(tl.load(sptr, mask=smask, other=0.0), sptr, smask, xv, dtv, A, Bv, Cv)
     if HAS_D:
         y += tl.load(D_ptr + hd).to(tl.float32) * xv
     if GATE:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import KERNEL_DTYPES, kernels_enabled
-from .norm import rms_norm_ref
+from .norm import rms_norm, rms_norm_ref
 
 MAX_ROWS = 4  # above this many rows cuBLAS's tensor-core kernels are the better choice
 # Measured on the H100 (bench/skinny_kernels.py, 2026-11-23): folding the norm pays at one row (0.5B shape 1.1-1.3x,
@@ -41,7 +41,6 @@ def _fold_or_norm(x, norm_weight, eps: float):
     weight left to fold."""
     if norm_weight is None or x.shape[0] <= FOLD_MAX_ROWS:
         return x, norm_weight
-    from .norm import rms_norm
     return rms_norm(x, norm_weight, eps).to(x.dtype), None
 
 

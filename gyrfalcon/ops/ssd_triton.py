@@ -403,6 +403,16 @@ def _fwd_out_kernel(x_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_ptr, stat
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _state_step(S, sptr, smask, x, dtv, A, Bv, Cv):
+    """One token of the recurrence on the (BP, BN) fp32 state tile S loaded from sptr (masked by smask; the caller
+    loads it, as early as it likes), stored back in place: S <- exp(dt A) S + (dt x) B^T. x (BP,), B and C (BN,)
+    fp32; returns S . C (BP,)."""
+    S = S * tl.exp(dtv * A) + (dtv * x)[:, None] * Bv[None, :]
+    tl.store(sptr, S, mask=smask)
+    return tl.sum(S * Cv[None, :], axis=1)
+
+
+@triton.jit
 def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_ptr, y_ptr,
                  hpg, p, n, lo, hi, dt_scale, z_scale,
                  s_ss, s_sh, s_sp, s_sn, s_xb, s_xh, s_xp, s_db, s_dh, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
@@ -423,7 +433,8 @@ def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_p
     mp = rp < p
     mn = rn < n
     sptr = state_ptr + slot * s_ss + hd * s_sh + rp[:, None] * s_sp + rn[None, :] * s_sn
-    S = tl.load(sptr, mask=mp[:, None] & mn[None, :], other=0.0)
+    smask = mp[:, None] & mn[None, :]
+    S = tl.load(sptr, mask=smask, other=0.0)
     x = tl.load(x_ptr + b * s_xb + hd * s_xh + rp * s_xp, mask=mp, other=0.0).to(tl.float32)
     bias = 0.0
     if HAS_BIAS:
@@ -433,9 +444,7 @@ def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_p
     A = -tl.exp(tl.load(A_log_ptr + hd).to(tl.float32))
     Bv = tl.load(B_ptr + b * s_Bb + gi * s_Bg + rn * s_Bn, mask=mn, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_Cb + gi * s_Cg + rn * s_Cn, mask=mn, other=0.0).to(tl.float32)
-    S = S * tl.exp(dtv * A) + (dtv * x)[:, None] * Bv[None, :]
-    tl.store(sptr, S, mask=mp[:, None] & mn[None, :])
-    y = tl.sum(S * Cv[None, :], axis=1)
+    y = _state_step(S, sptr, smask, x, dtv, A, Bv, Cv)
     if HAS_D:
         y += tl.load(D_ptr + hd).to(tl.float32) * x
     if HAS_Z:
