@@ -12,19 +12,25 @@ state that leaves chunk c, L[i, j] = exp(a_i - a_j) (j <= i, same document), dCB
 Kernels (after recomputing _prep_kernel's CB, dt and cumsum; all products are fp32 or split as in the forward):
   _bwd_state_kernel  per (b, h, p-block, n-block), chunks in reverse: writes dS_out(c) for every chunk (fp32) and
                      d(initial state).
-  _bwd_row_kernel    per (b, c, g, row block, head split), looping over the split's heads: dC for the rows, and the
-                     row-side terms of d a (row sums of dCB * CB, entering state), stored to `da`.
-  _bwd_db_kernel     same grid, the rows taken as columns j of the chunk's matrices: dB for the rows and the
-                     column-side terms of d a (added to `da`; the chunk-end terms go to `daq`, one slot per row block).
+  _bwd_dcb_kernel    per (b, c, g, tile (I, J) of the chunk, I >= J): dCB = sum_h dCB_h over the group's heads (fp32,
+                     (b, nc, g, Q, Q)), and per head the row / column sums of dCB_h * CB (the in-chunk terms of d a).
+  _bwd_dc_kernel     per (b, c, g, row block, n-block, head split): dC = sum_h exp(a_i) dy_i S_in + dCB @ B and the
+                     entering-state term of d a.
+  _bwd_db_kernel     same grid, rows as the columns j: dB = sum_h exp(a_Q - a_j) dt_j x_j dS_out + dCB^T @ C and the
+                     leaving-state terms of d a (the chunk-end ones to `daq`).
   _bwd_dx_kernel     per (b, c, h, row block): dx, the direct d dt and partial sums of d D.
-  _bwd_dt_kernel     per (b, h, c): reverse cumsum of d a, chain rule to dt_raw, partial sums for A_log and dt_bias.
-The row/db kernels keep fp32 accumulators (rows x chunk, rows x n) across the heads of their split, so dB and dC are
-reduced over heads on chip and the (rows x chunk) @ (chunk x n) product runs once per group; when batch x chunks x
-groups is too small to fill the GPU, heads are split and the splits' fp32 partials summed afterwards. No atomics:
-every buffer element has one writer per kernel (the backward is deterministic).
+  _bwd_dt_kernel     per (b, h, c): sums the d a slots, reverse cumsum, chain rule to dt_raw, partial sums for A_log
+                     and dt_bias.
+The head sums of dB and dC happen on chip: dCB is summed over heads before its (Q x Q) @ (Q x n) products, which run
+once per group; the state terms loop over heads with a (rows x n-block) fp32 accumulator. The tiles are large
+(64-128 rows) so the products run on tensor cores at full width. When batch x chunks x groups is too small to fill
+the GPU, heads are split and the splits' fp32 partials of dB and dC summed afterwards. The d a terms are written to
+separate slots (b, h, nc, slot, Q), one writer per element, and summed in _bwd_dt_kernel: no atomics, so the
+backward is deterministic.
 
-Autotuning (same rules as the forward): _bwd_state_kernel 4 configs, _bwd_row_kernel and _bwd_db_kernel 3 each (at
-most; 2 survive at chunk 256), _bwd_dx_kernel 3; _bwd_dt_kernel is not tuned.
+Autotuning (same rules as the forward): _bwd_state_kernel 4 configs, _bwd_dcb_kernel 3, _bwd_dc_kernel and
+_bwd_db_kernel 3 each, _bwd_dx_kernel 3; _bwd_dt_kernel is not tuned. The dCB tile (64) and the n-block of the dB/dC
+kernels (64) are fixed per problem because they set the number of d a slots (`side_blocks`).
 """
 
 from __future__ import annotations
@@ -88,35 +94,107 @@ def _bwd_state_kernel(dy_ptr, C_ptr, acs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, 
     tl.store(dinit_ptr + (pid_bh.to(tl.int64) * p + rp[:, None]) * n + rn[None, :], dS, mask=mpn)
 
 
-def _prune_group(configs, named_args, **kwargs):
-    q, bp, bn = kwargs["Q"], kwargs["BP"], kwargs["BN"]
-    # register budget (checked by compiling for sm_90): BM x Q and BPK x n tiles of at most 4096 / 8192 elements
-    return _fit(configs, lambda kw: {"BM": min(kw["BM"], q), "BPK": min(kw["BPK"], bp)},
-                lambda kw: kw["BM"] * q <= 4096 and kw["BPK"] * bn <= 8192)
+def _prune_dcb(configs, named_args, **kwargs):
+    return _fit(configs, lambda kw: kw)
 
 
-_GROUP_CONFIGS = _configs(
-    triton.Config({"BM": 16, "BPK": 16}, num_warps=4),
-    [triton.Config({"BM": 16, "BPK": 16}, num_warps=8, num_stages=2),
-     triton.Config({"BM": 16, "BPK": 32}, num_warps=8, num_stages=2),
-     triton.Config({"BM": 32, "BPK": 16}, num_warps=8, num_stages=2)])
+_DCB_CONFIGS = _configs(triton.Config({}, num_warps=4),
+                        [triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=8, num_stages=3),
+                         triton.Config({}, num_warps=4, num_stages=2)])
 
 
-@triton.autotune(configs=_GROUP_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_group})
+@triton.autotune(configs=_DCB_CONFIGS, key=["p", "Q", "BT"], prune_configs_by={"early_config_prune": _prune_dcb})
 @triton.jit
-def _bwd_row_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, states_ptr, dC_ptr, da_ptr,
-                    l, nc, H, hpg, G, p, n, hps,
-                    s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn,
-                    s_qb, s_ql, s_os, s_ob, s_ol, s_og, s_on,
-                    Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BPK: tl.constexpr, BN: tl.constexpr,
+def _bwd_dcb_kernel(x_ptr, dy_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, dcb_ptr, dap_ptr,
+                    l, nc, H, hpg, G, p,
+                    s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_qb, s_ql,
+                    Q: tl.constexpr, BT: tl.constexpr, BPK: tl.constexpr, NS: tl.constexpr,
                     HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
-    """Grid ((Q/BM) * splits, b * nc * G). Rows i of one block, heads [s*hps, (s+1)*hps) of group g:
-    dC_i = sum_h exp(a_i) dy_i S_in + (sum_h dCB_h[i, :]) @ B, and d a_i (row side) stored to da.
-    Head dim p is taken BPK at a time so that no (chunk x p) or (p x n) tile is held whole."""
+    """Grid ((Q/BT)^2, b * nc * G). Tile (I, J) of the chunk's Q x Q matrices, I >= J (tiles above the diagonal
+    exit): dCB[i, j] = sum over the group's heads of dCB_h[i, j] = (dy_i . x_j) L[i, j] dt_j, written to dcb (fp32);
+    per head, the row sums of dCB_h * CB go to d a slot J (rows of block I), the negated column sums to slot NB + I
+    (columns of block J). Each slot element has exactly one writer; _bwd_dt_kernel sums the slots a row owns."""
+    NB: tl.constexpr = Q // BT
+    tile = tl.program_id(0)
+    ib = tile // NB
+    jb = tile % NB
+    pid1 = tl.program_id(1)
+    gi = pid1 % G
+    c = (pid1 // G) % nc
+    b = pid1 // (G * nc)
+    if jb <= ib:
+        ri = ib * BT + tl.arange(0, BT)
+        rj = jb * BT + tl.arange(0, BT)
+        ti = c * Q + ri
+        tj = c * Q + rj
+        vi = ti < l
+        vj = tj < l
+        cb_off = (((b * nc + c) * G + gi).to(tl.int64) * Q + ri[:, None]) * Q + rj[None, :]
+        cb = tl.load(cb_ptr + cb_off)
+        keep = ri[:, None] >= rj[None, :]
+        if HAS_SEQ:
+            sq_base = seq_ptr + b.to(tl.int64) * s_qb
+            s_i = tl.load(sq_base + tl.minimum(ti, l - 1).to(tl.int64) * s_ql)
+            s_j = tl.load(sq_base + tl.minimum(tj, l - 1).to(tl.int64) * s_ql)
+            keep = keep & (s_i[:, None] == s_j[None, :])
+        acc = tl.zeros((BT, BT), tl.float32)
+        for hd in range(_bound(gi * hpg, INTERP), _bound(gi * hpg + hpg, INTERP)):
+            off = ((b * H + hd).to(tl.int64) * nc + c) * Q
+            ybase = dy_ptr + b.to(tl.int64) * s_yb + hd * s_yh + ti[:, None].to(tl.int64) * s_yl
+            xbase = x_ptr + b.to(tl.int64) * s_xb + hd * s_xh + tj[:, None].to(tl.int64) * s_xl
+            g_ij = tl.zeros((BT, BT), tl.float32)                # dy_i . x_j
+            for p0 in range(0, _bound(p, INTERP), BPK):
+                rp = p0 + tl.arange(0, BPK)
+                mp = rp < p
+                dyt = tl.load(ybase + rp[None, :] * s_yp, mask=vi[:, None] & mp[None, :], other=0.0)
+                xt = tl.load(xbase + rp[None, :] * s_xp, mask=vj[:, None] & mp[None, :], other=0.0)
+                g_ij += _mm(dyt, tl.trans(xt), DT, INTERP)
+            a_i = tl.load(acs_ptr + off + ri)
+            a_j = tl.load(acs_ptr + off + rj)
+            decay = tl.exp(tl.where(keep, a_i[:, None] - a_j[None, :], float("-inf")))
+            dcb = g_ij * decay * tl.load(dtc_ptr + off + rj)[None, :]
+            acc += dcb
+            w = dcb * cb
+            slots = dap_ptr + off * NS
+            tl.store(slots + jb * Q + ri, tl.sum(w, axis=1))
+            tl.store(slots + (NB + ib) * Q + rj, -tl.sum(w, axis=0))
+        tl.store(dcb_ptr + cb_off, acc)
+
+
+def _prune_side(configs, named_args, **kwargs):
+    q, bp = kwargs["Q"], kwargs["BP"]
+
+    def fix(kw):
+        bm = min(kw["BM"], q)
+        return {"BM": bm, "BK": min(kw["BK"], bm), "BPK": min(kw["BPK"], bp)}
+    return _fit(configs, fix)
+
+
+_SIDE_CONFIGS = _configs(
+    triton.Config({"BM": 16, "BK": 16, "BPK": 16}, num_warps=4),
+    [triton.Config({"BM": 64, "BK": 64, "BPK": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BM": 128, "BK": 32, "BPK": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BM": 64, "BK": 32, "BPK": 32}, num_warps=4, num_stages=3)])
+
+
+@triton.autotune(configs=_SIDE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_side})
+@triton.jit
+def _bwd_dc_kernel(dy_ptr, B_ptr, C_ptr, dcb_ptr, acs_ptr, seq_ptr, states_ptr, dC_ptr, dap_ptr,
+                   l, nc, H, hpg, G, p, n, hps,
+                   s_yb, s_yl, s_yh, s_yp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn, s_qb, s_ql,
+                   s_os, s_ob, s_ol, s_og, s_on,
+                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BPK: tl.constexpr,
+                   BN: tl.constexpr, NS: tl.constexpr, SLOT: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    """Grid ((Q/BM) * cdiv(n, BN) * splits, b * nc * G). Rows i of one block, state columns of one n-block, heads
+    of split s: dC_i = sum_h exp(a_i) dy_i S_in + (split 0 only) dCB[i, :] @ B, and per head the entering-state part
+    of d a_i, exp(a_i) (dy_i S_in) . C_i over the n-block, to d a slot SLOT + n-block."""
     NM: tl.constexpr = Q // BM
+    nn = tl.cdiv(n, BN)
     pid0 = tl.program_id(0)
     m = pid0 % NM
-    s = pid0 // NM
+    nb = (pid0 // NM) % nn
+    s = pid0 // (NM * nn)
     pid1 = tl.program_id(1)
     gi = pid1 % G
     c = (pid1 // G) % nc
@@ -124,44 +202,21 @@ def _bwd_row_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_p
     ri = m * BM + tl.arange(0, BM)
     ti = c * Q + ri
     vi = ti < l
-    rj = tl.arange(0, Q)
-    tj = c * Q + rj
-    vj = tj < l
-    rn = tl.arange(0, BN)
+    rn = nb * BN + tl.arange(0, BN)
     mn = rn < n
-    # Tiles that do not depend on the head (CB rows, C rows, masks) are (re)read after each head's dots rather than
-    # held across them: at chunk 256 / n 256 holding them would spill registers.
-    cb_ptrs = cb_ptr + (((b * nc + c) * G + gi).to(tl.int64) * Q + ri[:, None]) * Q + rj[None, :]
-    C_ptrs = C_ptr + b.to(tl.int64) * s_Cb + ti[:, None].to(tl.int64) * s_Cl + gi * s_Cg + rn[None, :] * s_Cn
+    C_m = tl.load(C_ptr + b.to(tl.int64) * s_Cb + ti[:, None].to(tl.int64) * s_Cl + gi * s_Cg + rn[None, :] * s_Cn,
+                  mask=vi[:, None] & mn[None, :], other=0.0).to(tl.float32)
     if HAS_SEQ:
         sq_base = seq_ptr + b.to(tl.int64) * s_qb
         s_i = tl.load(sq_base + tl.minimum(ti, l - 1).to(tl.int64) * s_ql)
         s_enter = tl.load(sq_base + tl.maximum(c * Q - 1, 0).to(tl.int64) * s_ql)
-    acc_dcb = tl.zeros((BM, Q), tl.float32)
-    acc_dc = tl.zeros((BM, BN), tl.float32)
+    acc = tl.zeros((BM, BN), tl.float32)
     h_lo = gi * hpg + s * hps
     h_hi = tl.minimum(h_lo + hps, (gi + 1) * hpg)
     for hd in range(_bound(h_lo, INTERP), _bound(h_hi, INTERP)):
         off = ((b * H + hd).to(tl.int64) * nc + c) * Q
-        a_i = tl.load(acs_ptr + off + ri)
         ybase = dy_ptr + b.to(tl.int64) * s_yb + hd * s_yh + ti[:, None].to(tl.int64) * s_yl
-        xbase = x_ptr + b.to(tl.int64) * s_xb + hd * s_xh + tj[:, None].to(tl.int64) * s_xl
         sbase = states_ptr + (((b * nc + c) * H + hd).to(tl.int64) * p) * n + rn[None, :]
-        # Two passes over p (dy_i re-read): the (BM, Q) and (BM, n) products are never live together.
-        g_ij = tl.zeros((BM, Q), tl.float32)                 # dy_i . x_j
-        for p0 in range(0, BP, BPK):
-            rp = p0 + tl.arange(0, BPK)
-            mp = rp < p
-            dy_m = tl.load(ybase + rp[None, :] * s_yp, mask=vi[:, None] & mp[None, :], other=0.0)
-            x_all = tl.load(xbase + rp[None, :] * s_xp, mask=vj[:, None] & mp[None, :], other=0.0)
-            g_ij += _mm(dy_m, tl.trans(x_all), DT, INTERP)
-        keep = ri[:, None] >= rj[None, :]
-        if HAS_SEQ:
-            keep = keep & (s_i[:, None] == tl.load(sq_base + tl.minimum(tj, l - 1).to(tl.int64) * s_ql)[None, :])
-        decay = tl.exp(tl.where(keep, a_i[:, None] - tl.load(acs_ptr + off + rj)[None, :], float("-inf")))
-        dcb = g_ij * decay * tl.load(dtc_ptr + off + rj)[None, :]
-        acc_dcb += dcb
-        da_r = tl.sum(dcb * tl.load(cb_ptrs), axis=1)
         t_in = tl.zeros((BM, BN), tl.float32)                # dy_i S_in
         for p0 in range(0, BP, BPK):
             rp = p0 + tl.arange(0, BPK)
@@ -169,36 +224,46 @@ def _bwd_row_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_p
             dy_m = tl.load(ybase + rp[None, :] * s_yp, mask=vi[:, None] & mp[None, :], other=0.0)
             st = tl.load(sbase + rp[:, None] * n, mask=mp[:, None] & mn[None, :], other=0.0)
             t_in += _mm_lh(dy_m, st, DT, INTERP)
-        fs = tl.exp(a_i)
+        fs = tl.exp(tl.load(acs_ptr + off + ri))
         if HAS_SEQ:
             fs = tl.where(s_i == s_enter, fs, 0.0)
-        acc_dc += t_in * fs[:, None]
-        C_m = tl.load(C_ptrs, mask=vi[:, None] & mn[None, :], other=0.0).to(tl.float32)
-        tl.store(da_ptr + off + ri, da_r + fs * tl.sum(t_in * C_m, axis=1))
-    B_all = tl.load(B_ptr + b.to(tl.int64) * s_Bb + tj[:, None].to(tl.int64) * s_Bl + gi * s_Bg + rn[None, :] * s_Bn,
-                    mask=vj[:, None] & mn[None, :], other=0.0)
-    dC = acc_dc + _mm_hl(acc_dcb, B_all, DT, INTERP)
+        acc += t_in * fs[:, None]
+        tl.store(dap_ptr + off * NS + (SLOT + nb) * Q + ri, fs * tl.sum(t_in * C_m, axis=1))
+    if s == 0:
+        # the chunk's own term, once per group: dCB[i, j] for j <= i (entries above the diagonal are never read)
+        dcb_base = dcb_ptr + (((b * nc + c) * G + gi).to(tl.int64) * Q + ri[:, None]) * Q
+        Bbase = B_ptr + b.to(tl.int64) * s_Bb + gi * s_Bg + rn[None, :] * s_Bn
+        for k0 in range(0, _bound((m + 1) * BM, INTERP), BK):
+            rk = k0 + tl.arange(0, BK)
+            d = tl.load(dcb_base + rk[None, :], mask=rk[None, :] <= ri[:, None], other=0.0)
+            bt = tl.load(Bbase + (c * Q + rk[:, None]).to(tl.int64) * s_Bl, mask=(c * Q + rk[:, None] < l) & mn[None, :],
+                         other=0.0)
+            acc += _mm_hl(d, bt, DT, INTERP)
     _store(dC_ptr + s.to(tl.int64) * s_os + b.to(tl.int64) * s_ob + ti[:, None].to(tl.int64) * s_ol + gi * s_og
-           + rn[None, :] * s_on, dC, vi[:, None] & mn[None, :], INTERP)
+           + rn[None, :] * s_on, acc, vi[:, None] & mn[None, :], INTERP)
 
 
-@triton.autotune(configs=_GROUP_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_group},
-                 restore_value=["da_ptr"], reset_to_zero=["daq_ptr"])
+@triton.autotune(configs=_SIDE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_side})
 @triton.jit
-def _bwd_db_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, states_ptr, dstates_ptr,
-                   dB_ptr, da_ptr, daq_ptr,
+def _bwd_db_kernel(x_ptr, B_ptr, C_ptr, dcb_ptr, dtc_ptr, acs_ptr, seq_ptr, states_ptr, dstates_ptr,
+                   dB_ptr, dap_ptr, daq_ptr,
                    l, nc, H, hpg, G, p, n, hps,
-                   s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn,
-                   s_qb, s_ql, s_os, s_ob, s_ol, s_og, s_on,
-                   Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BPK: tl.constexpr, BN: tl.constexpr,
-                   NQ: tl.constexpr, HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
-    """Grid ((Q/BM) * splits, b * nc * G). Rows j of one block as the columns of the chunk's matrices, heads of split
-    s: dB_j = sum_h exp(a_Q - a_j) dt_j dS_out^T x_j + (sum_h dCB_h[:, j])^T C, and the column-side d a_j (added to
-    da; the chunk-end terms go to daq[.., m]). Head dim p is taken BPK at a time."""
+                   s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn, s_qb, s_ql,
+                   s_os, s_ob, s_ol, s_og, s_on,
+                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BPK: tl.constexpr,
+                   BN: tl.constexpr, NS: tl.constexpr, SLOT: tl.constexpr, NQ: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    """Grid ((Q/BM) * cdiv(n, BN) * splits, b * nc * G). Rows j of one block, one n-block, heads of split s:
+    dB_j = sum_h exp(a_Q - a_j) dt_j (x_j dS_out) + (split 0 only) dCB[:, j]^T @ C. Per head, the column-side d a_j
+    from the leaving state, -n_j = -exp(a_Q - a_j) dt_j (x_j dS_out) . B_j over the n-block, goes to slot
+    SLOT + n-block; its chunk-end counterpart sum_j n_j (plus, in the first row block, exp(a_Q) <dS_out, S_in> over
+    the n-block) to daq[.., row block * cdiv(n, BN) + n-block]."""
     NM: tl.constexpr = Q // BM
+    nn = tl.cdiv(n, BN)
     pid0 = tl.program_id(0)
     m = pid0 % NM
-    s = pid0 // NM
+    nb = (pid0 // NM) % nn
+    s = pid0 // (NM * nn)
     pid1 = tl.program_id(1)
     gi = pid1 % G
     c = (pid1 // G) % nc
@@ -206,47 +271,23 @@ def _bwd_db_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_pt
     rj = m * BM + tl.arange(0, BM)
     tj = c * Q + rj
     vj = tj < l
-    ri = tl.arange(0, Q)
-    ti = c * Q + ri
-    vi = ti < l
-    rn = tl.arange(0, BN)
+    rn = nb * BN + tl.arange(0, BN)
     mn = rn < n
-    # head-independent tiles are (re)read after each head's dots, as in _bwd_row_kernel
-    cbt_ptrs = cb_ptr + (((b * nc + c) * G + gi).to(tl.int64) * Q + ri[None, :]) * Q + rj[:, None]     # CB[i, j]
-    B_ptrs = B_ptr + b.to(tl.int64) * s_Bb + tj[:, None].to(tl.int64) * s_Bl + gi * s_Bg + rn[None, :] * s_Bn
+    B_m = tl.load(B_ptr + b.to(tl.int64) * s_Bb + tj[:, None].to(tl.int64) * s_Bl + gi * s_Bg + rn[None, :] * s_Bn,
+                  mask=vj[:, None] & mn[None, :], other=0.0).to(tl.float32)
     if HAS_SEQ:
         sq_base = seq_ptr + b.to(tl.int64) * s_qb
         s_j = tl.load(sq_base + tl.minimum(tj, l - 1).to(tl.int64) * s_ql)
         s_enter = tl.load(sq_base + tl.maximum(c * Q - 1, 0).to(tl.int64) * s_ql)
         s_last = tl.load(sq_base + tl.minimum(c * Q + Q - 1, l - 1).to(tl.int64) * s_ql)
-    acc_dcbt = tl.zeros((BM, Q), tl.float32)
-    acc_db = tl.zeros((BM, BN), tl.float32)
+    acc = tl.zeros((BM, BN), tl.float32)
     h_lo = gi * hpg + s * hps
     h_hi = tl.minimum(h_lo + hps, (gi + 1) * hpg)
     for hd in range(_bound(h_lo, INTERP), _bound(h_hi, INTERP)):
         off = ((b * H + hd).to(tl.int64) * nc + c) * Q
         xbase = x_ptr + b.to(tl.int64) * s_xb + hd * s_xh + tj[:, None].to(tl.int64) * s_xl
-        ybase = dy_ptr + b.to(tl.int64) * s_yb + hd * s_yh + ti[:, None].to(tl.int64) * s_yl
         sidx = (((b * nc + c) * H + hd).to(tl.int64) * p) * n + rn[None, :]
-        a_j = tl.load(acs_ptr + off + rj)
-        dt_j = tl.load(dtc_ptr + off + rj)
-        a_last = tl.load(acs_ptr + off + Q - 1)
-        # Two passes over p (x_j re-read), as in _bwd_row_kernel.
-        g_ji = tl.zeros((BM, Q), tl.float32)                 # x_j . dy_i
-        for p0 in range(0, BP, BPK):
-            rp = p0 + tl.arange(0, BPK)
-            mp = rp < p
-            x_m = tl.load(xbase + rp[None, :] * s_xp, mask=vj[:, None] & mp[None, :], other=0.0)
-            dy_all = tl.load(ybase + rp[None, :] * s_yp, mask=vi[:, None] & mp[None, :], other=0.0)
-            g_ji += _mm(x_m, tl.trans(dy_all), DT, INTERP)
-        keep = ri[None, :] >= rj[:, None]
-        if HAS_SEQ:
-            keep = keep & (tl.load(sq_base + tl.minimum(ti, l - 1).to(tl.int64) * s_ql)[None, :] == s_j[:, None])
-        decay = tl.exp(tl.where(keep, tl.load(acs_ptr + off + ri)[None, :] - a_j[:, None], float("-inf")))  # L[i, j]
-        dcbt = g_ji * decay * dt_j[:, None]
-        acc_dcbt += dcbt
-        da_c = tl.sum(dcbt * tl.load(cbt_ptrs), axis=1)
-        u_jn = tl.zeros((BM, BN), tl.float32)                # dS_out^T x_j
+        u_jn = tl.zeros((BM, BN), tl.float32)                # x_j dS_out
         q_state = 0.0
         for p0 in range(0, BP, BPK):
             rp = p0 + tl.arange(0, BPK)
@@ -254,25 +295,33 @@ def _bwd_db_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_pt
             x_m = tl.load(xbase + rp[None, :] * s_xp, mask=vj[:, None] & mp[None, :], other=0.0)
             dso = tl.load(dstates_ptr + sidx + rp[:, None] * n, mask=mp[:, None] & mn[None, :], other=0.0)
             u_jn += _mm_lh(x_m, dso, DT, INTERP)
-            if m == NM - 1:
-                # the block holding the chunk's last row also carries the chunk-decay term exp(a_Q) <dS_out, S_in>
+            if m == 0:
                 st = tl.load(states_ptr + sidx + rp[:, None] * n, mask=mp[:, None] & mn[None, :], other=0.0)
                 q_state += tl.sum(tl.sum(dso * st, axis=1), axis=0)
-        te = tl.exp(a_last - a_j)
+        a_last = tl.load(acs_ptr + off + Q - 1)
+        te = tl.exp(a_last - tl.load(acs_ptr + off + rj))
         chunk_decay = tl.exp(a_last)
         if HAS_SEQ:
             te = tl.where(s_j == s_last, te, 0.0)
             chunk_decay = tl.where(s_last == s_enter, chunk_decay, 0.0)
-        tdt = te * dt_j
-        acc_db += u_jn * tdt[:, None]
-        n_j = tdt * tl.sum(u_jn * tl.load(B_ptrs, mask=vj[:, None] & mn[None, :], other=0.0).to(tl.float32), axis=1)
-        tl.store(da_ptr + off + rj, tl.load(da_ptr + off + rj) - da_c - n_j)
-        tl.store(daq_ptr + ((b * H + hd).to(tl.int64) * nc + c) * NQ + m, tl.sum(n_j, axis=0) + chunk_decay * q_state)
-    C_all = tl.load(C_ptr + b.to(tl.int64) * s_Cb + ti[:, None].to(tl.int64) * s_Cl + gi * s_Cg + rn[None, :] * s_Cn,
-                    mask=vi[:, None] & mn[None, :], other=0.0)
-    dB = acc_db + _mm_hl(acc_dcbt, C_all, DT, INTERP)
+        tdt = te * tl.load(dtc_ptr + off + rj)
+        acc += u_jn * tdt[:, None]
+        n_j = tdt * tl.sum(u_jn * B_m, axis=1)
+        tl.store(dap_ptr + off * NS + (SLOT + nb) * Q + rj, -n_j)
+        tl.store(daq_ptr + ((b * H + hd).to(tl.int64) * nc + c) * NQ + m * nn + nb,
+                 tl.sum(n_j, axis=0) + chunk_decay * q_state)
+    if s == 0:
+        # the chunk's own term, once per group: dCB[i, j] for i >= j, read as [j, i]
+        dcb_base = dcb_ptr + (((b * nc + c) * G + gi).to(tl.int64) * Q) * Q + rj[:, None]
+        Cbase = C_ptr + b.to(tl.int64) * s_Cb + gi * s_Cg + rn[None, :] * s_Cn
+        for k0 in range(_bound(m * BM, INTERP), Q, BK):
+            rk = k0 + tl.arange(0, BK)
+            d = tl.load(dcb_base + rk[None, :] * Q, mask=rk[None, :] >= rj[:, None], other=0.0)
+            ct = tl.load(Cbase + (c * Q + rk[:, None]).to(tl.int64) * s_Cl, mask=(c * Q + rk[:, None] < l) & mn[None, :],
+                         other=0.0)
+            acc += _mm_hl(d, ct, DT, INTERP)
     _store(dB_ptr + s.to(tl.int64) * s_os + b.to(tl.int64) * s_ob + tj[:, None].to(tl.int64) * s_ol + gi * s_og
-           + rn[None, :] * s_on, dB, vj[:, None] & mn[None, :], INTERP)
+           + rn[None, :] * s_on, acc, vj[:, None] & mn[None, :], INTERP)
 
 
 def _prune_dx(configs, named_args, **kwargs):
@@ -361,12 +410,15 @@ def _bwd_dx_kernel(x_ptr, dy_ptr, B_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_pt
 
 
 @triton.jit
-def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_log_ptr, dtc_ptr, da_ptr, ddt_ptr, daq_ptr, ddt_raw_ptr, dAp_ptr, dbp_ptr,
+def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_log_ptr, dtc_ptr, dap_ptr, ddt_ptr, daq_ptr, ddt_raw_ptr, dAp_ptr, dbp_ptr,
                    l, nc, H, lo, hi, s_db, s_dl, s_dh, s_ob, s_ol, s_oh,
-                   Q: tl.constexpr, NQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                   HAS_LIMIT: tl.constexpr, INTERP: tl.constexpr):
-    """Grid (b * H, nc): d a -> d(dA) = reverse cumsum -> d dt = direct + A d(dA) -> through clamp/softplus to dt_raw;
-    per-chunk partial sums of d A_log = A sum(d(dA) dt) and of d dt_bias."""
+                   Q: tl.constexpr, BT: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, NQ: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERP: tl.constexpr):
+    """Grid (b * H, nc): d a = the sum of the d a slots each row owns (+ the chunk-end terms on the last row)
+    -> d(dA) = reverse cumsum -> d dt = direct + A d(dA) -> through clamp/softplus to dt_raw; per-chunk partial sums
+    of d A_log = A sum(d(dA) dt) and of d dt_bias. Slots (see _bwd_dcb_kernel): J < NB holds rows of blocks >= J,
+    NB + I holds columns of blocks <= I, the rest hold every row."""
+    NB: tl.constexpr = Q // BT
     pid_bh = tl.program_id(0)
     c = tl.program_id(1)
     b = pid_bh // H
@@ -375,8 +427,12 @@ def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_log_ptr, dtc_ptr, da_ptr, ddt_ptr, daq
     t = c * Q + rows
     valid = t < l
     off = (pid_bh.to(tl.int64) * nc + c) * Q
+    sl = tl.arange(0, NSP)[:, None]
+    blk = (rows // BT)[None, :]
+    owned = (sl >= 2 * NB) | ((sl < NB) & (blk >= sl)) | ((sl >= NB) & (sl < 2 * NB) & (blk <= sl - NB))
+    parts = tl.load(dap_ptr + off * NS + sl * Q + rows[None, :], mask=owned & (sl < NS), other=0.0)
     q = tl.sum(tl.load(daq_ptr + (pid_bh.to(tl.int64) * nc + c) * NQ + tl.arange(0, NQ)), axis=0)
-    da = tl.load(da_ptr + off + rows) + tl.where(rows == Q - 1, q, 0.0)
+    da = tl.sum(parts, axis=0) + tl.where(rows == Q - 1, q, 0.0)
     dda = tl.cumsum(da, axis=0, reverse=True)
     A = -tl.exp(tl.load(A_log_ptr + hd).to(tl.float32))
     dtv = tl.load(dtc_ptr + off + rows)
@@ -392,19 +448,27 @@ def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_log_ptr, dtc_ptr, da_ptr, ddt_ptr, daq
     tl.store(dbp_ptr + pid_bh.to(tl.int64) * nc + c, tl.sum(graw, axis=0))
 
 
-TUNED_KERNELS = {"bwd_state": _bwd_state_kernel, "bwd_row": _bwd_row_kernel, "bwd_db": _bwd_db_kernel,
-                 "bwd_dx": _bwd_dx_kernel}
+TUNED_KERNELS = {"bwd_state": _bwd_state_kernel, "bwd_dcb": _bwd_dcb_kernel, "bwd_dc": _bwd_dc_kernel,
+                 "bwd_db": _bwd_db_kernel, "bwd_dx": _bwd_dx_kernel}
 
 
-# Programs the row/col kernels aim for, in SM counts: each walks its heads serially, so more, shorter programs hide
+# Programs the dB/dC kernels aim for, in SM counts: each walks its heads serially, so more, shorter programs hide
 # latency better, at the cost of more fp32 partials of dB/dC to sum (bench/ssd_head_splits.py chooses it).
-HEAD_SPLIT_WAVES = 2  # H100 fwd+bwd: 0.5B b4x2K 2.03 -> 1.79 ms, 7B 2K 1.92 -> 1.80, 8K 3.42 -> 3.39 (4, 8 slower)
+HEAD_SPLIT_WAVES = 2
+
+
+def side_blocks(Q: int, n: int) -> tuple[int, int]:
+    """(BT, BN): the dCB kernel's tile and the dB/dC kernels' state-column block. Fixed per problem (not tuned)
+    because they set how many d a slots there are; 16 under the interpreter so that CPU tests cover several tiles."""
+    cap = 16 if _INTERPRET else 64
+    return min(cap, Q), min(cap, max(16, triton.next_power_of_2(n)))
 
 
 def _head_splits(pr: _Problem, device: torch.device) -> int:
-    """How many head splits the row/col kernels use: enough programs for HEAD_SPLIT_WAVES waves on the GPU, never
+    """How many head splits the dB/dC kernels use: enough programs for HEAD_SPLIT_WAVES waves on the GPU, never
     more than the heads of a group."""
-    programs = pr.b * pr.nc * pr.g * max(1, pr.Q // 32)
+    _, bn = side_blocks(pr.Q, pr.n)
+    programs = pr.b * pr.nc * pr.g * max(1, pr.Q // 64) * triton.cdiv(pr.n, bn)
     return max(1, min(pr.hpg, triton.cdiv(sm_count(device, cpu_default=1) * HEAD_SPLIT_WAVES, programs)))
 
 
@@ -439,20 +503,30 @@ def ssd_backward(pr: _Problem, dy, dfinal, x, dt, A_log, B, C, D, dt_bias, initi
     dB_strides = ((0,) + dB.stride()) if splits == 1 else dB.stride()
     dC_strides = ((0,) + dC.stride()) if splits == 1 else dC.stride()
     nq = Q // _NQ_MIN_BLOCK
-    da = torch.empty(b, h, nc, Q, device=dev, dtype=torch.float32)
-    ddt = torch.empty_like(da)
-    daq = torch.zeros(b, h, nc, nq, device=dev, dtype=torch.float32)
-    dDp = torch.zeros_like(daq)
+    bt, bns = side_blocks(Q, n)
+    nn = triton.cdiv(n, bns)
+    nb = Q // bt
+    ns = 2 * nb + 2 * nn                      # d a slots: dCB rows, dCB columns, entering state, leaving state
+    nqs = triton.next_power_of_2(nq * nn)     # chunk-end slots: one per (row block, n-block) of _bwd_db_kernel
+    dap = torch.empty(b, h, nc, ns, Q, device=dev, dtype=torch.float32)
+    daq = torch.zeros(b, h, nc, nqs, device=dev, dtype=torch.float32)
+    dcb = torch.empty(b, nc, g, Q, Q, device=dev, dtype=torch.float32)
+    ddt = torch.empty(b, h, nc, Q, device=dev, dtype=torch.float32)
+    dDp = torch.zeros(b, h, nc, nq, device=dev, dtype=torch.float32)
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     bp, bn = max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
-    grid = lambda meta: ((Q // meta["BM"]) * splits, b * nc * g)  # noqa: E731
-    common = (l, nc, h, pr.hpg, g, p, n, hps, *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *pr.seq_strides)
-    _bwd_row_kernel[grid](
-        x, dy, B, C, cb, dtc, acs, seq, states, dC, da, *common, *dC_strides,
-        Q=Q, BP=bp, BN=bn, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+    _bwd_dcb_kernel[(nb * nb, b * nc * g)](
+        x, dy, cb, dtc, acs, seq, dcb, dap, l, nc, h, pr.hpg, g, p, *x.stride(), *dy.stride(), *pr.seq_strides,
+        Q=Q, BT=bt, BPK=min(bp, 128), NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+    grid = lambda meta: ((Q // meta["BM"]) * nn * splits, b * nc * g)  # noqa: E731
+    sizes = (l, nc, h, pr.hpg, g, p, n, hps)
+    blocks = dict(Q=Q, BP=bp, BN=bns, NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+    _bwd_dc_kernel[grid](
+        dy, B, C, dcb, acs, seq, states, dC, dap, *sizes, *dy.stride(), *B.stride(), *C.stride(), *pr.seq_strides,
+        *dC_strides, SLOT=2 * nb, **blocks)
     _bwd_db_kernel[grid](
-        x, dy, B, C, cb, dtc, acs, seq, states, dstates, dB, da, daq, *common, *dB_strides,
-        Q=Q, BP=bp, BN=bn, NQ=nq, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+        x, B, C, dcb, dtc, acs, seq, states, dstates, dB, dap, daq, *sizes, *x.stride(), *B.stride(), *C.stride(),
+        *pr.seq_strides, *dB_strides, SLOT=2 * nb + nn, NQ=nqs, **blocks)
     grid = lambda meta: (h * (Q // meta["BM"]), b * nc)  # noqa: E731
     _bwd_dx_kernel[grid](
         x, dy, B, cb, dtc, acs, seq, D if D is not None else dtc, dstates, dx, ddt, dDp,
@@ -463,10 +537,10 @@ def ssd_backward(pr: _Problem, dy, dfinal, x, dt, A_log, B, C, D, dt_bias, initi
     dAp = torch.empty(b, h, nc, device=dev, dtype=torch.float32)
     dbp = torch.empty_like(dAp)
     _bwd_dt_kernel[(b * h, nc)](
-        dt, dt_bias if dt_bias is not None else A_log, A_log, dtc, da, ddt, daq, ddt_raw, dAp, dbp,
+        dt, dt_bias if dt_bias is not None else A_log, A_log, dtc, dap, ddt, daq, ddt_raw, dAp, dbp,
         l, nc, h, pr.lo, pr.hi, *dt.stride(), *ddt_raw.stride(),
-        Q=Q, NQ=nq, HAS_BIAS=pr.has_bias, SOFTPLUS=pr.softplus, HAS_LIMIT=pr.has_limit, INTERP=_INTERPRET,
-        num_warps=4)
+        Q=Q, BT=bt, NS=ns, NSP=triton.next_power_of_2(ns), NQ=nqs, HAS_BIAS=pr.has_bias, SOFTPLUS=pr.softplus,
+        HAS_LIMIT=pr.has_limit, INTERP=_INTERPRET, num_warps=4)
 
     if splits > 1:
         dB = dB.sum(0).to(B.dtype)
