@@ -302,7 +302,7 @@ def _fwd_state_kernel(x_ptr, B_ptr, dtc_ptr, acs_ptr, seq_ptr, init_ptr, states_
         _store(states_ptr + ((((b * nc + c) * H + hd).to(tl.int64) * p + rp[:, None]) * n + rn[None, :]), S, mpn,
                INTERP)
         S = S * decay
-        for k0 in range(0, Q, BQ):
+        for k0 in tl.static_range(0, Q, BQ):   # unrolled: the chunk loop is then the innermost, pipelined one
             rq = k0 + tl.arange(0, BQ)
             t = c * Q + rq
             valid = t < l

@@ -81,7 +81,7 @@ def _bwd_state_kernel(dy_ptr, C_ptr, acs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, 
             s_last = tl.load(sq_base + tl.minimum(c * Q + Q - 1, l - 1).to(tl.int64) * s_ql)
             decay = tl.where(s_last == s_enter, decay, 0.0)
         dS = dS * decay
-        for k0 in range(0, Q, BQ):
+        for k0 in tl.static_range(0, Q, BQ):
             rq = k0 + tl.arange(0, BQ)
             t = c * Q + rq
             valid = t < l
@@ -108,7 +108,7 @@ _DCB_CONFIGS = _configs(triton.Config({}, num_warps=4),
 def _bwd_dcb_kernel(x_ptr, dy_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, dcb_ptr, dap_ptr,
                     l, nc, H, hpg, G, p,
                     s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_qb, s_ql,
-                    Q: tl.constexpr, BT: tl.constexpr, BPK: tl.constexpr, NS: tl.constexpr,
+                    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BPK: tl.constexpr, NS: tl.constexpr,
                     HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
     """Grid ((Q/BT)^2, b * nc * G). Tile (I, J) of the chunk's Q x Q matrices, I >= J (tiles above the diagonal
     exit): dCB[i, j] = sum over the group's heads of dCB_h[i, j] = (dy_i . x_j) L[i, j] dt_j, written to dcb (fp32);
@@ -143,7 +143,7 @@ def _bwd_dcb_kernel(x_ptr, dy_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, dcb_ptr, d
             ybase = dy_ptr + b.to(tl.int64) * s_yb + hd * s_yh + ti[:, None].to(tl.int64) * s_yl
             xbase = x_ptr + b.to(tl.int64) * s_xb + hd * s_xh + tj[:, None].to(tl.int64) * s_xl
             g_ij = tl.zeros((BT, BT), tl.float32)                # dy_i . x_j
-            for p0 in range(0, _bound(p, INTERP), BPK):
+            for p0 in tl.static_range(0, BP, BPK):
                 rp = p0 + tl.arange(0, BPK)
                 mp = rp < p
                 dyt = tl.load(ybase + rp[None, :] * s_yp, mask=vi[:, None] & mp[None, :], other=0.0)
@@ -218,7 +218,7 @@ def _bwd_dc_kernel(dy_ptr, B_ptr, C_ptr, dcb_ptr, acs_ptr, seq_ptr, states_ptr, 
         ybase = dy_ptr + b.to(tl.int64) * s_yb + hd * s_yh + ti[:, None].to(tl.int64) * s_yl
         sbase = states_ptr + (((b * nc + c) * H + hd).to(tl.int64) * p) * n + rn[None, :]
         t_in = tl.zeros((BM, BN), tl.float32)                # dy_i S_in
-        for p0 in range(0, BP, BPK):
+        for p0 in tl.static_range(0, BP, BPK):
             rp = p0 + tl.arange(0, BPK)
             mp = rp < p
             dy_m = tl.load(ybase + rp[None, :] * s_yp, mask=vi[:, None] & mp[None, :], other=0.0)
@@ -243,7 +243,9 @@ def _bwd_dc_kernel(dy_ptr, B_ptr, C_ptr, dcb_ptr, acs_ptr, seq_ptr, states_ptr, 
            + rn[None, :] * s_on, acc, vi[:, None] & mn[None, :], INTERP)
 
 
-@triton.autotune(configs=_SIDE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_side})
+# daq is zeroed before each config's trial and the final run: configs with different BM write different daq slots.
+@triton.autotune(configs=_SIDE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_side},
+                 reset_to_zero=["daq_ptr"])
 @triton.jit
 def _bwd_db_kernel(x_ptr, B_ptr, C_ptr, dcb_ptr, dtc_ptr, acs_ptr, seq_ptr, states_ptr, dstates_ptr,
                    dB_ptr, dap_ptr, daq_ptr,
@@ -289,15 +291,15 @@ def _bwd_db_kernel(x_ptr, B_ptr, C_ptr, dcb_ptr, dtc_ptr, acs_ptr, seq_ptr, stat
         sidx = (((b * nc + c) * H + hd).to(tl.int64) * p) * n + rn[None, :]
         u_jn = tl.zeros((BM, BN), tl.float32)                # x_j dS_out
         q_state = 0.0
-        for p0 in range(0, BP, BPK):
+        for p0 in tl.static_range(0, BP, BPK):
             rp = p0 + tl.arange(0, BPK)
             mp = rp < p
             x_m = tl.load(xbase + rp[None, :] * s_xp, mask=vj[:, None] & mp[None, :], other=0.0)
             dso = tl.load(dstates_ptr + sidx + rp[:, None] * n, mask=mp[:, None] & mn[None, :], other=0.0)
             u_jn += _mm_lh(x_m, dso, DT, INTERP)
-            if m == 0:
-                st = tl.load(states_ptr + sidx + rp[:, None] * n, mask=mp[:, None] & mn[None, :], other=0.0)
-                q_state += tl.sum(tl.sum(dso * st, axis=1), axis=0)
+            # only the first row block needs S_in (a masked load rather than a branch keeps the loop pipelined)
+            st = tl.load(states_ptr + sidx + rp[:, None] * n, mask=mp[:, None] & mn[None, :] & (m == 0), other=0.0)
+            q_state += tl.sum(tl.sum(dso * st, axis=1), axis=0)
         a_last = tl.load(acs_ptr + off + Q - 1)
         te = tl.exp(a_last - tl.load(acs_ptr + off + rj))
         chunk_decay = tl.exp(a_last)
@@ -517,7 +519,7 @@ def ssd_backward(pr: _Problem, dy, dfinal, x, dt, A_log, B, C, D, dt_bias, initi
     bp, bn = max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
     _bwd_dcb_kernel[(nb * nb, b * nc * g)](
         x, dy, cb, dtc, acs, seq, dcb, dap, l, nc, h, pr.hpg, g, p, *x.stride(), *dy.stride(), *pr.seq_strides,
-        Q=Q, BT=bt, BPK=min(bp, 128), NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+        Q=Q, BT=bt, BP=bp, BPK=min(bp, 128), NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
     grid = lambda meta: ((Q // meta["BM"]) * nn * splits, b * nc * g)  # noqa: E731
     sizes = (l, nc, h, pr.hpg, g, p, n, hps)
     blocks = dict(Q=Q, BP=bp, BN=bns, NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
