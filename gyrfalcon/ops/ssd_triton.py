@@ -23,8 +23,8 @@ kernels' error matches eager PyTorch's (which computes in fp32) instead of addin
 fp32 inputs use fp32 operands with IEEE products (no TF32).
 
 Autotuning (triton.autotune, keyed on (p, n, chunk) and the dtypes; block sizes are clipped to the problem and
-configs that spill registers at that size dropped before timing): _prep_kernel tries 2 configs, _fwd_state_kernel 4,
-_fwd_out_kernel 3; the backward's are listed in ssd_triton_bwd.py (about 20 compiles in all on a first call).
+configs that spill registers at that size dropped before timing): _prep_kernel tries 2 configs, _fwd_state_kernel 6,
+_fwd_out_kernel 4; the backward's are listed in ssd_triton_bwd.py (about 20 compiles in all on a first call).
 Under TRITON_INTERPRET=1 (CPU tests) each kernel has a single small config, and because the numpy interpreter cannot
 multiply bf16 tiles and truncates when it narrows floats, kernels get INTERP=True: dot operands are rounded to the
 dot dtype (round-to-nearest-even, as the GPU does) and multiplied in fp32, and narrowing stores are rounded the same
@@ -260,7 +260,10 @@ _STATE_CONFIGS = _configs(
     [triton.Config({"BP": 64, "BN": 64, "BQ": 32}, num_warps=4, num_stages=3),
      triton.Config({"BP": 32, "BN": 64, "BQ": 128}, num_warps=8, num_stages=3),
      triton.Config({"BP": 64, "BN": 64, "BQ": 64}, num_warps=8, num_stages=3),
-     triton.Config({"BP": 32, "BN": 128, "BQ": 64}, num_warps=8, num_stages=3)])
+     triton.Config({"BP": 32, "BN": 128, "BQ": 64}, num_warps=8, num_stages=3),
+     # wide tiles: fewer programs, each re-reading less of x and B per chunk (batch 1 at long sequences)
+     triton.Config({"BP": 128, "BN": 64, "BQ": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BP": 64, "BN": 128, "BQ": 64}, num_warps=8, num_stages=3)])
 
 
 @triton.autotune(configs=_STATE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_state})
@@ -328,7 +331,8 @@ def _prune_out(configs, named_args, **kwargs):
     configs=_configs(triton.Config({"BM": 16, "BK": 16, "BP": 16, "BN": 16}, num_warps=4),
                      [triton.Config({"BM": 64, "BK": 32, "BP": 64, "BN": 32}, num_warps=4, num_stages=3),
                       triton.Config({"BM": 64, "BK": 32, "BP": 64, "BN": 64}, num_warps=4, num_stages=3),
-                      triton.Config({"BM": 128, "BK": 32, "BP": 64, "BN": 64}, num_warps=8, num_stages=3)]),
+                      triton.Config({"BM": 128, "BK": 32, "BP": 64, "BN": 64}, num_warps=8, num_stages=3),
+                      triton.Config({"BM": 128, "BK": 64, "BP": 64, "BN": 64}, num_warps=8, num_stages=2)]),
     key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_out})
 @triton.jit
 def _fwd_out_kernel(x_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_ptr, states_ptr, y_ptr,

@@ -28,8 +28,8 @@ the GPU, heads are split and the splits' fp32 partials of dB and dC summed after
 separate slots (b, h, nc, slot, Q), one writer per element, and summed in _bwd_dt_kernel: no atomics, so the
 backward is deterministic.
 
-Autotuning (same rules as the forward): _bwd_state_kernel 4 configs, _bwd_dcb_kernel 3, _bwd_dc_kernel and
-_bwd_db_kernel 3 each, _bwd_dx_kernel 3; _bwd_dt_kernel is not tuned. The dCB tile (64) and the n-block of the dB/dC
+Autotuning (same rules as the forward): _bwd_state_kernel 6 configs, _bwd_dcb_kernel 3, _bwd_dc_kernel and
+_bwd_db_kernel 3 each, _bwd_dx_kernel 4; _bwd_dt_kernel is not tuned. The dCB tile (64) and the n-block of the dB/dC
 kernels (64) are fixed per problem because they set the number of d a slots (`side_blocks`).
 """
 
@@ -336,7 +336,8 @@ def _prune_dx(configs, named_args, **kwargs):
     configs=_configs(triton.Config({"BM": 16, "BK": 16, "BNK": 16}, num_warps=4),
                      [triton.Config({"BM": 64, "BK": 32, "BNK": 32}, num_warps=8, num_stages=3),
                       triton.Config({"BM": 128, "BK": 32, "BNK": 32}, num_warps=8, num_stages=3),
-                      triton.Config({"BM": 32, "BK": 32, "BNK": 32}, num_warps=4, num_stages=3)]),
+                      triton.Config({"BM": 32, "BK": 32, "BNK": 32}, num_warps=4, num_stages=3),
+                      triton.Config({"BM": 64, "BK": 64, "BNK": 64}, num_warps=8, num_stages=3)]),
     key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_dx}, reset_to_zero=["dDp_ptr"])
 @triton.jit
 def _bwd_dx_kernel(x_ptr, dy_ptr, B_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_ptr, dstates_ptr, dx_ptr, ddt_ptr,
