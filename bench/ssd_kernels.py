@@ -16,7 +16,8 @@ and >= 1 at 7B for "fwd+bwd"). Also printed: first-call times (compile + autotun
 kernel, the GPU time of each kernel in one forward + backward (torch.profiler), max relative errors of y and of every
 gradient against mamba_ssm and against the float64 reference (computed on the first 1024 tokens), and the decode step
 against mamba_ssm's selective_state_update (CUDA-graph replay) with the share of HBM bandwidth it reaches (reads +
-writes of the state over 3.35 TB/s). Total runtime: about 2-3 minutes on an H100 (mamba_ssm's own first-call autotuning included).
+writes of the state over 3.35 TB/s). Total runtime: about 2-3 minutes on an H100, 6-7 with --grid (mamba_ssm's own
+first-call autotuning included).
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     for p, n, q, on in [(64, 128, 128, True), (128, 256, 256, True), (64, 128, 128, False)]:
         sc = dict(p=p, n=n, l=2048, nc=2048 // q, H=24, G=1, hpg=24, hps=24, lo=0.0, hi=1e30, s_qb=2048, s_dl=3000)
         base = dict(Q=q, DT=tl.bfloat16 if on else tl.float32, INTERP=False, HAS_SEQ=on, HAS_D=on, HAS_INIT=on,
-                    HAS_DFINAL=on, HAS_BIAS=on, SOFTPLUS=on, HAS_LIMIT=on, BP=p, BN=n, NQ=q // 16)
+                    HAS_DFINAL=on, HAS_BIAS=on, SOFTPLUS=on, HAS_LIMIT=on, BP=p, BN=n, NQ=q // 16, SIZE=2)
         p = f"{p}{'' if on else '-off'}"
         bt, bns = B.side_blocks(q, n)
         nn, nb = n // bns, q // bt

@@ -22,9 +22,10 @@ split into a 16-bit high part and a 16-bit remainder and multiplied twice, so pr
 kernels' error matches eager PyTorch's (which computes in fp32) instead of adding 16-bit rounding of intermediates.
 fp32 inputs use fp32 operands with IEEE products (no TF32).
 
-Autotuning (triton.autotune, keyed on (p, n, chunk) and the dtypes; block sizes are clipped to the problem and
-configs that spill registers at that size dropped before timing): _prep_kernel tries 2 configs, _fwd_state_kernel 6,
-_fwd_out_kernel 4; the backward's are listed in ssd_triton_bwd.py (about 20 compiles in all on a first call).
+Autotuning (triton.autotune, keyed on (p, n, chunk), the dtypes and a size class, `size_class`: short, medium and
+long scans tune separately; block sizes are clipped to the problem and configs that spill registers at that size
+dropped before timing): _prep_kernel tries 2 configs, _fwd_state_kernel 6, _fwd_out_kernel 4; the backward's are
+listed in ssd_triton_bwd.py (about 25 compiles in all on a first call, per size class).
 Under TRITON_INTERPRET=1 (CPU tests) each kernel has a single small config, and because the numpy interpreter cannot
 multiply bf16 tiles and truncates when it narrows floats, kernels get INTERP=True: dot operands are rounded to the
 dot dtype (round-to-nearest-even, as the GPU does) and multiplied in fp32, and narrowing stores are rounded the same
@@ -192,14 +193,15 @@ def _configs(interp, gpu):
     configs=_configs(triton.Config({"BT": 16, "BK": 16}, num_warps=4),
                      [triton.Config({"BT": 64, "BK": 64}, num_warps=4, num_stages=3),
                       triton.Config({"BT": 128, "BK": 64}, num_warps=8, num_stages=2)]),
-    key=["n", "Q"], prune_configs_by={"early_config_prune": _prune_prep})
+    key=["n", "Q", "SIZE"], prune_configs_by={"early_config_prune": _prune_prep})
 @triton.jit
 def _prep_kernel(C_ptr, B_ptr, dt_ptr, A_log_ptr, dt_bias_ptr, cb_ptr, dtc_ptr, acs_ptr,
                  l, nc, G, hpg, n, lo, hi,
                  s_Cb, s_Cl, s_Cg, s_Cn, s_Bb, s_Bl, s_Bg, s_Bn, s_db, s_dl, s_dh,
                  Q: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                 DT: tl.constexpr, INTERP: tl.constexpr):
+                 DT: tl.constexpr, INTERP: tl.constexpr,
+                 SIZE: tl.constexpr):
     """Grid (b * nc * G, (Q/BT)^2 + 1). Programs 0..(Q/BT)^2-1 of axis 1 compute one BT x BT tile of CB (zeros above
     the diagonal); the last one folds dt for the group's heads: dtc = clamp(softplus(dt + bias)), acs = cumsum(dtc*A)
     (zero dt on padded rows past l, so padded rows neither decay nor add)."""
@@ -266,13 +268,15 @@ _STATE_CONFIGS = _configs(
      triton.Config({"BP": 64, "BN": 128, "BQ": 64}, num_warps=8, num_stages=3)])
 
 
-@triton.autotune(configs=_STATE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_state})
+@triton.autotune(configs=_STATE_CONFIGS, key=["p", "n", "Q", "SIZE"],
+                 prune_configs_by={"early_config_prune": _prune_state})
 @triton.jit
 def _fwd_state_kernel(x_ptr, B_ptr, dtc_ptr, acs_ptr, seq_ptr, init_ptr, states_ptr, final_ptr,
                       l, nc, H, hpg, p, n,
                       s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_qb, s_ql, s_ib, s_ih, s_ip, s_in,
                       Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr,
-                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
+                      SIZE: tl.constexpr):
     """Grid (b * H, cdiv(p, BP), cdiv(n, BN)). Walks the chunks in order carrying a BP x BN fp32 state tile:
     writes the state entering chunk c to states[b, c, h] (fp32), then S <- keep * exp(a_Q) S +
     (x * exp(a_Q - a) dt)^T B, the chunk taken BQ rows at a time. Writes the final state (fp32)."""
@@ -333,13 +337,14 @@ def _prune_out(configs, named_args, **kwargs):
                       triton.Config({"BM": 64, "BK": 32, "BP": 64, "BN": 64}, num_warps=4, num_stages=3),
                       triton.Config({"BM": 128, "BK": 32, "BP": 64, "BN": 64}, num_warps=8, num_stages=3),
                       triton.Config({"BM": 128, "BK": 64, "BP": 64, "BN": 64}, num_warps=8, num_stages=2)]),
-    key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_out})
+    key=["p", "n", "Q", "SIZE"], prune_configs_by={"early_config_prune": _prune_out})
 @triton.jit
 def _fwd_out_kernel(x_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_ptr, states_ptr, y_ptr,
                     l, nc, H, hpg, G, p, n,
                     s_xb, s_xl, s_xh, s_xp, s_Cb, s_Cl, s_Cg, s_Cn, s_qb, s_ql, s_yb, s_yl, s_yh, s_yp,
                     Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
+                    SIZE: tl.constexpr):
     """Grid (H * (Q/BM) * cdiv(p, BP), b * nc): one BM x BP tile of y. Programs of one (b, c) are adjacent so the
     chunk's CB, B, C and states stay in L2 while all heads read them."""
     NM: tl.constexpr = Q // BM
@@ -514,6 +519,13 @@ def _dot_dtype(x, B, C):
     return torch.float32
 
 
+def size_class(chunks: int) -> int:
+    """The autotuning size class of a scan with `chunks` = batch x chunks: 0 below 32, 1 below 128, else 2. Part of
+    every kernel's tuning key, so a config tuned on a short sequence (few programs: small tiles win) is not reused at
+    32K tokens (many programs, or a long serial chunk walk: wide tiles win)."""
+    return 0 if chunks < 32 else (1 if chunks < 128 else 2)
+
+
 class _Problem:
     """Sizes, flags and the folded per-chunk buffers shared by the forward and backward launches."""
 
@@ -535,6 +547,7 @@ class _Problem:
         self.has_bias = dt_bias is not None
         self.has_D = D is not None
         self.seq_strides = seq_idx.stride() if seq_idx is not None else (0, 0)
+        self.size_class = size_class(self.b * self.nc)
 
     def prep(self, dt, A_log, B, C, dt_bias):
         """Launch _prep_kernel: returns cb (b, nc, g, Q, Q), dtc and acs (b, h, nc, Q), all fp32."""
@@ -548,7 +561,7 @@ class _Problem:
             self.l, self.nc, self.g, self.hpg, self.n, self.lo, self.hi,
             *C.stride(), *B.stride(), *dt.stride(),
             Q=self.Q, HAS_BIAS=self.has_bias, SOFTPLUS=self.softplus, HAS_LIMIT=self.has_limit, DT=self.DT,
-            INTERP=_INTERPRET)
+            INTERP=_INTERPRET, SIZE=self.size_class)
         return cb, dtc, acs
 
 
@@ -564,14 +577,15 @@ def _forward(pr: _Problem, x, B, C, D, seq_idx, initial_state, cb, dtc, acs):
         x, B, dtc, acs, seq, init, states, final,
         pr.l, pr.nc, pr.h, pr.hpg, pr.p, pr.n,
         *x.stride(), *B.stride(), *pr.seq_strides, *(init.stride() if initial_state is not None else (0,) * 4),
-        Q=pr.Q, HAS_INIT=initial_state is not None, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+        Q=pr.Q, HAS_INIT=initial_state is not None, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET,
+        SIZE=pr.size_class)
     y = torch.empty(pr.b, pr.l, pr.h, pr.p, device=dev, dtype=x.dtype)
     grid = lambda meta: (pr.h * (pr.Q // meta["BM"]) * triton.cdiv(pr.p, meta["BP"]), pr.b * pr.nc)  # noqa: E731
     _fwd_out_kernel[grid](
         x, C, cb, dtc, acs, seq, D if D is not None else dtc, states, y,
         pr.l, pr.nc, pr.h, pr.hpg, pr.g, pr.p, pr.n,
         *x.stride(), *C.stride(), *pr.seq_strides, *y.stride(),
-        Q=pr.Q, HAS_D=pr.has_D, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+        Q=pr.Q, HAS_D=pr.has_D, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET, SIZE=pr.size_class)
     return y, states, final
 
 

@@ -46,13 +46,15 @@ from .ssd_triton import (_INTERPRET, _STATE_CONFIGS, _bound, _configs, _discreti
 _NQ_MIN_BLOCK = 16   # the smallest row block: per-chunk partials are sized Q // 16
 
 
-@triton.autotune(configs=_STATE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_state})
+@triton.autotune(configs=_STATE_CONFIGS, key=["p", "n", "Q", "SIZE"],
+                 prune_configs_by={"early_config_prune": _prune_state})
 @triton.jit
 def _bwd_state_kernel(dy_ptr, C_ptr, acs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
                       l, nc, H, hpg, p, n,
                       s_yb, s_yl, s_yh, s_yp, s_Cb, s_Cl, s_Cg, s_Cn, s_qb, s_ql, s_fb, s_fh, s_fp, s_fn,
                       Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr,
-                      HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                      HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
+                      SIZE: tl.constexpr):
     """Grid (b * H, cdiv(p, BP), cdiv(n, BN)). Walks the chunks backwards carrying dS (fp32): stores it as dS_out(c),
     then dS <- keep * exp(a_Q) dS + (dy * exp(a))^T C, BQ rows at a time. The last dS is d(initial state)."""
     pid_bh = tl.program_id(0)
@@ -103,13 +105,15 @@ _DCB_CONFIGS = _configs(triton.Config({}, num_warps=4),
                          triton.Config({}, num_warps=4, num_stages=2)])
 
 
-@triton.autotune(configs=_DCB_CONFIGS, key=["p", "Q", "BT"], prune_configs_by={"early_config_prune": _prune_dcb})
+@triton.autotune(configs=_DCB_CONFIGS, key=["p", "Q", "BT", "SIZE"],
+                 prune_configs_by={"early_config_prune": _prune_dcb})
 @triton.jit
 def _bwd_dcb_kernel(x_ptr, dy_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, dcb_ptr, dap_ptr,
                     l, nc, H, hpg, G, p,
                     s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_qb, s_ql,
                     Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BPK: tl.constexpr, NS: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                    HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
+                    SIZE: tl.constexpr):
     """Grid ((Q/BT)^2, b * nc * G). Tile (I, J) of the chunk's Q x Q matrices, I >= J (tiles above the diagonal
     exit): dCB[i, j] = sum over the group's heads of dCB_h[i, j] = (dy_i . x_j) L[i, j] dt_j, written to dcb (fp32);
     per head, the row sums of dCB_h * CB go to d a slot J (rows of block I), the negated column sums to slot NB + I
@@ -177,7 +181,8 @@ _SIDE_CONFIGS = _configs(
      triton.Config({"BM": 64, "BK": 32, "BPK": 32}, num_warps=4, num_stages=3)])
 
 
-@triton.autotune(configs=_SIDE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_side})
+@triton.autotune(configs=_SIDE_CONFIGS, key=["p", "n", "Q", "SIZE"],
+                 prune_configs_by={"early_config_prune": _prune_side})
 @triton.jit
 def _bwd_dc_kernel(dy_ptr, B_ptr, C_ptr, dcb_ptr, acs_ptr, seq_ptr, states_ptr, dC_ptr, dap_ptr,
                    l, nc, H, hpg, G, p, n, hps,
@@ -185,7 +190,8 @@ def _bwd_dc_kernel(dy_ptr, B_ptr, C_ptr, dcb_ptr, acs_ptr, seq_ptr, states_ptr, 
                    s_os, s_ob, s_ol, s_og, s_on,
                    Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BPK: tl.constexpr,
                    BN: tl.constexpr, NS: tl.constexpr, SLOT: tl.constexpr,
-                   HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                   HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
+                   SIZE: tl.constexpr):
     """Grid ((Q/BM) * cdiv(n, BN) * splits, b * nc * G). Rows i of one block, state columns of one n-block, heads
     of split s: dC_i = sum_h exp(a_i) dy_i S_in + (split 0 only) dCB[i, :] @ B, and per head the entering-state part
     of d a_i, exp(a_i) (dy_i S_in) . C_i over the n-block, to d a slot SLOT + n-block."""
@@ -236,15 +242,16 @@ def _bwd_dc_kernel(dy_ptr, B_ptr, C_ptr, dcb_ptr, acs_ptr, seq_ptr, states_ptr, 
         for k0 in range(0, _bound((m + 1) * BM, INTERP), BK):
             rk = k0 + tl.arange(0, BK)
             d = tl.load(dcb_base + rk[None, :], mask=rk[None, :] <= ri[:, None], other=0.0)
-            bt = tl.load(Bbase + (c * Q + rk[:, None]).to(tl.int64) * s_Bl, mask=(c * Q + rk[:, None] < l) & mn[None, :],
-                         other=0.0)
+            bt = tl.load(Bbase + (c * Q + rk[:, None]).to(tl.int64) * s_Bl,
+                         mask=(c * Q + rk[:, None] < l) & mn[None, :], other=0.0)
             acc += _mm_hl(d, bt, DT, INTERP)
     _store(dC_ptr + s.to(tl.int64) * s_os + b.to(tl.int64) * s_ob + ti[:, None].to(tl.int64) * s_ol + gi * s_og
            + rn[None, :] * s_on, acc, vi[:, None] & mn[None, :], INTERP)
 
 
 # daq is zeroed before each config's trial and the final run: configs with different BM write different daq slots.
-@triton.autotune(configs=_SIDE_CONFIGS, key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_side},
+@triton.autotune(configs=_SIDE_CONFIGS, key=["p", "n", "Q", "SIZE"],
+                 prune_configs_by={"early_config_prune": _prune_side},
                  reset_to_zero=["daq_ptr"])
 @triton.jit
 def _bwd_db_kernel(x_ptr, B_ptr, C_ptr, dcb_ptr, dtc_ptr, acs_ptr, seq_ptr, states_ptr, dstates_ptr,
@@ -254,7 +261,8 @@ def _bwd_db_kernel(x_ptr, B_ptr, C_ptr, dcb_ptr, dtc_ptr, acs_ptr, seq_ptr, stat
                    s_os, s_ob, s_ol, s_og, s_on,
                    Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BPK: tl.constexpr,
                    BN: tl.constexpr, NS: tl.constexpr, SLOT: tl.constexpr, NQ: tl.constexpr,
-                   HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                   HAS_SEQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
+                   SIZE: tl.constexpr):
     """Grid ((Q/BM) * cdiv(n, BN) * splits, b * nc * G). Rows j of one block, one n-block, heads of split s:
     dB_j = sum_h exp(a_Q - a_j) dt_j (x_j dS_out) + (split 0 only) dCB[:, j]^T @ C. Per head, the column-side d a_j
     from the leaving state, -n_j = -exp(a_Q - a_j) dt_j (x_j dS_out) . B_j over the n-block, goes to slot
@@ -319,8 +327,8 @@ def _bwd_db_kernel(x_ptr, B_ptr, C_ptr, dcb_ptr, dtc_ptr, acs_ptr, seq_ptr, stat
         for k0 in range(_bound(m * BM, INTERP), Q, BK):
             rk = k0 + tl.arange(0, BK)
             d = tl.load(dcb_base + rk[None, :] * Q, mask=rk[None, :] >= rj[:, None], other=0.0)
-            ct = tl.load(Cbase + (c * Q + rk[:, None]).to(tl.int64) * s_Cl, mask=(c * Q + rk[:, None] < l) & mn[None, :],
-                         other=0.0)
+            ct = tl.load(Cbase + (c * Q + rk[:, None]).to(tl.int64) * s_Cl,
+                         mask=(c * Q + rk[:, None] < l) & mn[None, :], other=0.0)
             acc += _mm_hl(d, ct, DT, INTERP)
     _store(dB_ptr + s.to(tl.int64) * s_os + b.to(tl.int64) * s_ob + tj[:, None].to(tl.int64) * s_ol + gi * s_og
            + rn[None, :] * s_on, acc, vj[:, None] & mn[None, :], INTERP)
@@ -338,7 +346,7 @@ def _prune_dx(configs, named_args, **kwargs):
                       triton.Config({"BM": 128, "BK": 32, "BNK": 32}, num_warps=8, num_stages=3),
                       triton.Config({"BM": 32, "BK": 32, "BNK": 32}, num_warps=4, num_stages=3),
                       triton.Config({"BM": 64, "BK": 64, "BNK": 64}, num_warps=8, num_stages=3)]),
-    key=["p", "n", "Q"], prune_configs_by={"early_config_prune": _prune_dx}, reset_to_zero=["dDp_ptr"])
+    key=["p", "n", "Q", "SIZE"], prune_configs_by={"early_config_prune": _prune_dx}, reset_to_zero=["dDp_ptr"])
 @triton.jit
 def _bwd_dx_kernel(x_ptr, dy_ptr, B_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_ptr, dstates_ptr, dx_ptr, ddt_ptr,
                    dDp_ptr,
@@ -347,7 +355,8 @@ def _bwd_dx_kernel(x_ptr, dy_ptr, B_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_pt
                    s_db, s_dl, s_dh, s_dp,
                    Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    BNK: tl.constexpr, NQ: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   DT: tl.constexpr, INTERP: tl.constexpr):
+                   DT: tl.constexpr, INTERP: tl.constexpr,
+                   SIZE: tl.constexpr):
     """Grid (H * (Q/BM), b * nc): rows j of one block of one head. inner_j = sum_{i>=j} CB[i,j] L[i,j] dy_i +
     exp(a_Q - a_j) dS_out B_j; dx_j = dt_j inner_j + D dy_j; direct d dt_j = x_j . inner_j; partial d D."""
     NM: tl.constexpr = Q // BM
@@ -492,7 +501,7 @@ def ssd_backward(pr: _Problem, dy, dfinal, x, dt, A_log, B, C, D, dt_bias, initi
         dy, C, acs, seq, dfinal if dfinal is not None else dinit, dstates, dinit,
         l, nc, h, pr.hpg, p, n,
         *dy.stride(), *C.stride(), *pr.seq_strides, *(dfinal.stride() if dfinal is not None else (0,) * 4),
-        Q=Q, HAS_DFINAL=dfinal is not None, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+        Q=Q, HAS_DFINAL=dfinal is not None, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET, SIZE=pr.size_class)
 
     splits = _head_splits(pr, dev)
     hps = triton.cdiv(pr.hpg, splits)
@@ -520,10 +529,11 @@ def ssd_backward(pr: _Problem, dy, dfinal, x, dt, A_log, B, C, D, dt_bias, initi
     bp, bn = max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
     _bwd_dcb_kernel[(nb * nb, b * nc * g)](
         x, dy, cb, dtc, acs, seq, dcb, dap, l, nc, h, pr.hpg, g, p, *x.stride(), *dy.stride(), *pr.seq_strides,
-        Q=Q, BT=bt, BP=bp, BPK=min(bp, 128), NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+        Q=Q, BT=bt, BP=bp, BPK=min(bp, 128), NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET,
+        SIZE=pr.size_class)
     grid = lambda meta: ((Q // meta["BM"]) * nn * splits, b * nc * g)  # noqa: E731
     sizes = (l, nc, h, pr.hpg, g, p, n, hps)
-    blocks = dict(Q=Q, BP=bp, BN=bns, NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+    blocks = dict(Q=Q, BP=bp, BN=bns, NS=ns, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET, SIZE=pr.size_class)
     _bwd_dc_kernel[grid](
         dy, B, C, dcb, acs, seq, states, dC, dap, *sizes, *dy.stride(), *B.stride(), *C.stride(), *pr.seq_strides,
         *dC_strides, SLOT=2 * nb, **blocks)
@@ -534,7 +544,8 @@ def ssd_backward(pr: _Problem, dy, dfinal, x, dt, A_log, B, C, D, dt_bias, initi
     _bwd_dx_kernel[grid](
         x, dy, B, cb, dtc, acs, seq, D if D is not None else dtc, dstates, dx, ddt, dDp,
         l, nc, h, pr.hpg, g, p, n, *x.stride(), *dy.stride(), *B.stride(), *pr.seq_strides, *dx.stride(),
-        Q=Q, BP=bp, BN=bn, NQ=nq, HAS_D=pr.has_D, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET)
+        Q=Q, BP=bp, BN=bn, NQ=nq, HAS_D=pr.has_D, HAS_SEQ=pr.has_seq, DT=pr.DT, INTERP=_INTERPRET,
+        SIZE=pr.size_class)
 
     ddt_raw = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b, h, nc, device=dev, dtype=torch.float32)
