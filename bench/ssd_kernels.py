@@ -4,6 +4,7 @@ the PyTorch reference, on one GPU, at the released Falcon-H1 Mamba shapes (bf16)
     PYTHONPATH=.baseline/stub:.baseline/mamba_ssm-2.3.2.post1:.baseline/pydeps python bench/ssd_kernels.py
     python bench/ssd_kernels.py --no-reference      # skip the (slow) PyTorch reference timings
     python bench/ssd_kernels.py --with-34b          # add the 34B shape (h=32, p=128, n=256, g=2)
+    python bench/ssd_kernels.py --grid --only 7B    # the per-op grid at the 7B shape only
 
 mamba_ssm (2.3.2.post1 sources, see bench/setup_baselines.sh) is imported if it can be; otherwise one JSON line
 says why and the rest runs without it. Inputs are laid out as the model produces them: x, B, C are channel slices of
@@ -240,6 +241,8 @@ def main():
     parser.add_argument("--with-34b", action="store_true", help="also the 34B shape (h=32, p=128, n=256, g=2)")
     parser.add_argument("--grid", action="store_true",
                         help="the per-op grid instead of the default shapes: 0.5B and 7B x batch 1, 4 x 2K, 8K, 32K")
+    parser.add_argument("--only", nargs="+", metavar="SHAPE",
+                        help="scan shapes of these models only, e.g. --only 7B (the decode step runs as usual)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/ssd_kernels.py needs a CUDA GPU")
@@ -247,6 +250,8 @@ def main():
     emit(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     mamba_scan, mamba_step = load_mamba()
     shapes = GRID_SHAPES if args.grid else SCAN_SHAPES
+    if args.only:
+        shapes = [s for s in shapes if s[0] in args.only]
     bench_scan(mamba_scan, with_reference=not args.no_reference,
                shapes=shapes + ([SHAPE_34B] if args.with_34b else []))
     bench_step(mamba_step)
