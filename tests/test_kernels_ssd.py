@@ -290,7 +290,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         tuned = [("prep", F._prep_kernel, F._prune_prep, {}), ("fwd_state", F._fwd_state_kernel, F._prune_state, {}),
                  ("fwd_out", F._fwd_out_kernel, F._prune_out, {}),
                  ("bwd_state", B._bwd_state_kernel, F._prune_state, {}),
-                 ("bwd_dcb", B._bwd_dcb_kernel, B._prune_dcb, dict(BT=bt, BP=sc["p"], BPK=sc["p"], NS=2 * nb + 2 * nn)),
+                 ("bwd_dcb", B._bwd_dcb_kernel, lambda configs, *args, **kw: configs,
+                  dict(BT=bt, BP=sc["p"], BPK=sc["p"], NS=2 * nb + 2 * nn)),
                  ("bwd_dc", B._bwd_dc_kernel, B._prune_side, dict(side, SLOT=2 * nb)),
                  ("bwd_db", B._bwd_db_kernel, B._prune_side, dict(side, SLOT=2 * nb + nn, NQ=(q // 16) * nn)),
                  ("bwd_dx", B._bwd_dx_kernel, B._prune_dx, dict(BP=sc["p"], BN=n))]

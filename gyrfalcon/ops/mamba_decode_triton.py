@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ssd_triton import _INTERPRET, _discretize, _limits, _state_step, _store
+from .ssd_triton import _INTERPRET, _discretize, _limits, _state_step, _step_program, _store
 
 
 @triton.jit
@@ -57,19 +57,9 @@ def _mamba_step_kernel(zx_ptr, s_zx, conv_ptr, s_cs, s_cd, s_ck, w_ptr, s_wd, s_
                        HAS_IDX: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
                        HAS_CONV_BIAS: tl.constexpr, GATE: tl.constexpr, SOFTPLUS: tl.constexpr,
                        HAS_LIMIT: tl.constexpr, INTERP: tl.constexpr):
-    pb = tl.program_id(0)
-    b = tl.program_id(1)
-    hd = tl.program_id(2)
-    gi = hd // hpg
-    slot = b.to(tl.int64)
-    if HAS_IDX:
-        slot = tl.load(idx_ptr + b).to(tl.int64)
+    b, hd, gi, slot, rp, rn, mp, mn = _step_program(idx_ptr, hpg, p, n, BP, BN, HAS_IDX)
     zx_row = zx_ptr + b.to(tl.int64) * s_zx
     conv_row = conv_ptr + slot * s_cs
-    rp = pb * BP + tl.arange(0, BP)
-    rn = tl.arange(0, BN)
-    mp = rp < p
-    mn = rn < n
     gs = g * n
     # x|B|C channels: this head's x rows, its group's B and C (conv channel index; in zxbcdt they follow z)
     cx = hd * p + rp

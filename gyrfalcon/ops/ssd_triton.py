@@ -412,6 +412,21 @@ def _fwd_out_kernel(x_ptr, C_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, D_ptr, stat
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _step_program(idx_ptr, hpg, p, n, BP: tl.constexpr, BN: tl.constexpr, HAS_IDX: tl.constexpr):
+    """Where a decode-step program works, from its place in the grid (cdiv(p, BP), b, H): batch row b, head hd, its
+    group gi, the state slot (state_indices[b], or b), the head-dim rows rp of its block and the state columns rn,
+    with their masks mp, mn."""
+    b = tl.program_id(1)
+    hd = tl.program_id(2)
+    slot = b.to(tl.int64)
+    if HAS_IDX:
+        slot = tl.load(idx_ptr + b).to(tl.int64)
+    rp = tl.program_id(0) * BP + tl.arange(0, BP)
+    rn = tl.arange(0, BN)
+    return b, hd, hd // hpg, slot, rp, rn, rp < p, rn < n
+
+
+@triton.jit
 def _state_step(S, sptr, smask, x, dtv, A, Bv, Cv):
     """One token of the recurrence on the (BP, BN) fp32 state tile S loaded from sptr (masked by smask; the caller
     loads it, as early as it likes), stored back in place: S <- exp(dt A) S + (dt x) B^T. x (BP,), B and C (BN,)
@@ -430,17 +445,7 @@ def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_p
                  HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                  INTERP: tl.constexpr):
     """Grid (cdiv(p, BP), b, H): reads and writes one BP x n slice of a state slot once (a bandwidth-bound op)."""
-    pb = tl.program_id(0)
-    b = tl.program_id(1)
-    hd = tl.program_id(2)
-    gi = hd // hpg
-    slot = b.to(tl.int64)
-    if HAS_IDX:
-        slot = tl.load(idx_ptr + b).to(tl.int64)
-    rp = pb * BP + tl.arange(0, BP)
-    rn = tl.arange(0, BN)
-    mp = rp < p
-    mn = rn < n
+    b, hd, gi, slot, rp, rn, mp, mn = _step_program(idx_ptr, hpg, p, n, BP, BN, HAS_IDX)
     sptr = state_ptr + slot * s_ss + hd * s_sh + rp[:, None] * s_sp + rn[None, :] * s_sn
     smask = mp[:, None] & mn[None, :]
     S = tl.load(sptr, mask=smask, other=0.0)

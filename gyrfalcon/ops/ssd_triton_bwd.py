@@ -96,17 +96,12 @@ def _bwd_state_kernel(dy_ptr, C_ptr, acs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, 
     tl.store(dinit_ptr + (pid_bh.to(tl.int64) * p + rp[:, None]) * n + rn[None, :], dS, mask=mpn)
 
 
-def _prune_dcb(configs, named_args, **kwargs):
-    return _fit(configs, lambda kw: kw)
-
-
 _DCB_CONFIGS = _configs(triton.Config({}, num_warps=4),
                         [triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=8, num_stages=3),
                          triton.Config({}, num_warps=4, num_stages=2)])
 
 
-@triton.autotune(configs=_DCB_CONFIGS, key=["p", "Q", "BT", "SIZE"],
-                 prune_configs_by={"early_config_prune": _prune_dcb})
+@triton.autotune(configs=_DCB_CONFIGS, key=["p", "Q", "BT", "SIZE"])
 @triton.jit
 def _bwd_dcb_kernel(x_ptr, dy_ptr, cb_ptr, dtc_ptr, acs_ptr, seq_ptr, dcb_ptr, dap_ptr,
                     l, nc, H, hpg, G, p,
@@ -174,6 +169,29 @@ def _prune_side(configs, named_args, **kwargs):
     return _fit(configs, fix)
 
 
+@triton.jit
+def _side_program(l, nc, G, hpg, hps, n, Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Where a _bwd_dc_kernel / _bwd_db_kernel program works, from its place in the grid ((Q/BM) * cdiv(n, BN) *
+    splits, b * nc * G): batch row b, chunk c, group gi, the row block's rows (chunk-relative r, absolute t, valid v),
+    the n-block's columns rn and mask mn, its split s and the split's heads [h_lo, h_hi)."""
+    NM: tl.constexpr = Q // BM
+    nn = tl.cdiv(n, BN)
+    pid0 = tl.program_id(0)
+    m = pid0 % NM
+    nb = (pid0 // NM) % nn
+    s = pid0 // (NM * nn)
+    pid1 = tl.program_id(1)
+    gi = pid1 % G
+    c = (pid1 // G) % nc
+    b = pid1 // (G * nc)
+    r = m * BM + tl.arange(0, BM)
+    t = c * Q + r
+    rn = nb * BN + tl.arange(0, BN)
+    h_lo = gi * hpg + s * hps
+    h_hi = tl.minimum(h_lo + hps, (gi + 1) * hpg)
+    return b, c, gi, m, nn, nb, s, r, t, t < l, rn, rn < n, h_lo, h_hi
+
+
 _SIDE_CONFIGS = _configs(
     triton.Config({"BM": 16, "BK": 16, "BPK": 16}, num_warps=4),
     [triton.Config({"BM": 64, "BK": 64, "BPK": 64}, num_warps=4, num_stages=3),
@@ -195,21 +213,7 @@ def _bwd_dc_kernel(dy_ptr, B_ptr, C_ptr, dcb_ptr, acs_ptr, seq_ptr, states_ptr, 
     """Grid ((Q/BM) * cdiv(n, BN) * splits, b * nc * G). Rows i of one block, state columns of one n-block, heads
     of split s: dC_i = sum_h exp(a_i) dy_i S_in + (split 0 only) dCB[i, :] @ B, and per head the entering-state part
     of d a_i, exp(a_i) (dy_i S_in) . C_i over the n-block, to d a slot SLOT + n-block."""
-    NM: tl.constexpr = Q // BM
-    nn = tl.cdiv(n, BN)
-    pid0 = tl.program_id(0)
-    m = pid0 % NM
-    nb = (pid0 // NM) % nn
-    s = pid0 // (NM * nn)
-    pid1 = tl.program_id(1)
-    gi = pid1 % G
-    c = (pid1 // G) % nc
-    b = pid1 // (G * nc)
-    ri = m * BM + tl.arange(0, BM)
-    ti = c * Q + ri
-    vi = ti < l
-    rn = nb * BN + tl.arange(0, BN)
-    mn = rn < n
+    b, c, gi, m, nn, nb, s, ri, ti, vi, rn, mn, h_lo, h_hi = _side_program(l, nc, G, hpg, hps, n, Q, BM, BN)
     C_m = tl.load(C_ptr + b.to(tl.int64) * s_Cb + ti[:, None].to(tl.int64) * s_Cl + gi * s_Cg + rn[None, :] * s_Cn,
                   mask=vi[:, None] & mn[None, :], other=0.0).to(tl.float32)
     if HAS_SEQ:
@@ -217,8 +221,6 @@ def _bwd_dc_kernel(dy_ptr, B_ptr, C_ptr, dcb_ptr, acs_ptr, seq_ptr, states_ptr, 
         s_i = tl.load(sq_base + tl.minimum(ti, l - 1).to(tl.int64) * s_ql)
         s_enter = tl.load(sq_base + tl.maximum(c * Q - 1, 0).to(tl.int64) * s_ql)
     acc = tl.zeros((BM, BN), tl.float32)
-    h_lo = gi * hpg + s * hps
-    h_hi = tl.minimum(h_lo + hps, (gi + 1) * hpg)
     for hd in range(_bound(h_lo, INTERP), _bound(h_hi, INTERP)):
         off = ((b * H + hd).to(tl.int64) * nc + c) * Q
         ybase = dy_ptr + b.to(tl.int64) * s_yb + hd * s_yh + ti[:, None].to(tl.int64) * s_yl
@@ -268,21 +270,7 @@ def _bwd_db_kernel(x_ptr, B_ptr, C_ptr, dcb_ptr, dtc_ptr, acs_ptr, seq_ptr, stat
     from the leaving state, -n_j = -exp(a_Q - a_j) dt_j (x_j dS_out) . B_j over the n-block, goes to slot
     SLOT + n-block; its chunk-end counterpart sum_j n_j (plus, in the first row block, exp(a_Q) <dS_out, S_in> over
     the n-block) to daq[.., row block * cdiv(n, BN) + n-block]."""
-    NM: tl.constexpr = Q // BM
-    nn = tl.cdiv(n, BN)
-    pid0 = tl.program_id(0)
-    m = pid0 % NM
-    nb = (pid0 // NM) % nn
-    s = pid0 // (NM * nn)
-    pid1 = tl.program_id(1)
-    gi = pid1 % G
-    c = (pid1 // G) % nc
-    b = pid1 // (G * nc)
-    rj = m * BM + tl.arange(0, BM)
-    tj = c * Q + rj
-    vj = tj < l
-    rn = nb * BN + tl.arange(0, BN)
-    mn = rn < n
+    b, c, gi, m, nn, nb, s, rj, tj, vj, rn, mn, h_lo, h_hi = _side_program(l, nc, G, hpg, hps, n, Q, BM, BN)
     B_m = tl.load(B_ptr + b.to(tl.int64) * s_Bb + tj[:, None].to(tl.int64) * s_Bl + gi * s_Bg + rn[None, :] * s_Bn,
                   mask=vj[:, None] & mn[None, :], other=0.0).to(tl.float32)
     if HAS_SEQ:
@@ -291,8 +279,6 @@ def _bwd_db_kernel(x_ptr, B_ptr, C_ptr, dcb_ptr, dtc_ptr, acs_ptr, seq_ptr, stat
         s_enter = tl.load(sq_base + tl.maximum(c * Q - 1, 0).to(tl.int64) * s_ql)
         s_last = tl.load(sq_base + tl.minimum(c * Q + Q - 1, l - 1).to(tl.int64) * s_ql)
     acc = tl.zeros((BM, BN), tl.float32)
-    h_lo = gi * hpg + s * hps
-    h_hi = tl.minimum(h_lo + hps, (gi + 1) * hpg)
     for hd in range(_bound(h_lo, INTERP), _bound(h_hi, INTERP)):
         off = ((b * H + hd).to(tl.int64) * nc + c) * Q
         xbase = x_ptr + b.to(tl.int64) * s_xb + hd * s_xh + tj[:, None].to(tl.int64) * s_xl
