@@ -1,7 +1,8 @@
 """Benchmark: the causal conv1d and (gated) RMSNorm Triton kernels against their PyTorch references, one GPU.
 
     python bench/conv_norm_kernels.py            # 0.5B (batch 4 x 2048) and 7B (batch 1 x 8192) shapes, bf16
-    python bench/conv_norm_kernels.py --sweep    # also a few conv launch shapes (to choose conv_triton defaults)
+    python bench/conv_norm_kernels.py --sweep    # also conv launch shapes (to choose conv_triton defaults) and
+                                                 # plain copies of the same bytes (what streaming reaches here)
 
 Inputs are laid out as the model produces them: the conv's x and the gate z are channel slices of in_proj's output
 (row stride = in_proj width), the scan output y and the hidden states are contiguous. Every op with a weight is
@@ -35,7 +36,9 @@ HBM_BYTES_PER_S = 3.35e12
 SHAPES = [("0.5B", 4, 2048), ("7B", 1, 8192)]
 DTYPE = torch.bfloat16
 SWEEP = [ConvLaunch(256, 32, 8, 1), ConvLaunch(256, 64, 8, 1), ConvLaunch(256, 64, 8, 2), ConvLaunch(512, 64, 8, 2),
-         ConvLaunch(128, 64, 8, 1), ConvLaunch(256, 128, 16, 2)]
+         ConvLaunch(128, 64, 8, 1), ConvLaunch(256, 128, 16, 2), ConvLaunch(256, 128, 8, 1), ConvLaunch(256, 16, 8, 1),
+         ConvLaunch(512, 64, 8, 4), ConvLaunch(1024, 64, 8, 4), ConvLaunch(64, 64, 8, 1), ConvLaunch(128, 32, 8, 1),
+         ConvLaunch(256, 32, 8, 2), ConvLaunch(512, 32, 8, 2)]
 
 
 def timed(fn) -> float:
@@ -114,6 +117,8 @@ def conv_case(cfg, shape, b, l, sweep):
         for launch in SWEEP:
             impls.append((f"triton[bd={launch.block_d},cl={launch.chunk_l},u={launch.unroll},w={launch.num_warps}]",
                           lambda *a, launch=launch: causal_conv1d_triton(*a, launch=launch)))
+    if sweep:
+        copy_calibration(shape, b, l, x, n, channels=d)
     for weight_grad in (True, False):  # full fine-tuning; LoRA (conv weights frozen)
         w = (torch.randn(d, cfg.mamba_d_conv, device="cuda", generator=gen) * 0.3).to(DTYPE)
         bias = (torch.randn(d, device="cuda", generator=gen) * 0.1).to(DTYPE)
@@ -121,6 +126,16 @@ def conv_case(cfg, shape, b, l, sweep):
         bias.requires_grad_(weight_grad)
         bench_pair("causal_conv1d", shape, b, l, impls, [x, w, bias], cot, 2 * n, 4 * n, channels=d,
                    weight_grad=weight_grad)
+
+
+def copy_calibration(shape, b, l, x, n, **extra):
+    """What plain copies of the conv's bytes achieve on this device (the practical floor of a streaming op): the
+    strided slice x into a contiguous tensor, and a contiguous tensor of the same size into another."""
+    src = x.detach().contiguous()
+    dst = torch.empty_like(src)
+    for name, fn in (("strided-to-contiguous", lambda: dst.copy_(x.detach())),
+                     ("contiguous-to-contiguous", lambda: dst.copy_(src))):
+        emit("copy", name, shape, b, l, "fwd", timed(fn), 2 * n, kernel_ms=round(kernel_ms(fn), 5), **extra)
 
 
 def rms_case(cfg, shape, b, l):

@@ -198,7 +198,10 @@ def check_against_float64(base, t, dy, fns, chunk, length):
     torch.cuda.empty_cache()
 
 
-def bench_step(mamba_step):
+STEP_LAUNCHES = [(2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (16, 2), (8, 4), (16, 4), (32, 4), (16, 8), (32, 8)]
+
+
+def bench_step(mamba_step, sweep: bool = False):
     for shape, b, h, p, g, n in STEP_SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(1)
         state = torch.randn(b, h, p, n, device="cuda", generator=gen)
@@ -212,6 +215,11 @@ def bench_step(mamba_step):
         state_bytes = 2 * state.numel() * 4
         fns = {"gyrfalcon": lambda s: ssd_step_triton(s, x, dt, A_log, B, C, D, dt_bias, z=z),
                "torch_reference": lambda s: ssd_step_ref(s, x, dt, A_log, B, C, D, dt_bias)}
+        if sweep:   # (state rows per program, warps): to choose ssd_step_triton's launch shape
+            for bp, warps in STEP_LAUNCHES:
+                fns[f"gyrfalcon[BP={bp},warps={warps}]"] = (
+                    lambda s, launch=(bp, warps): ssd_step_triton(s, x, dt, A_log, B, C, D, dt_bias, z=z,
+                                                                  launch=launch))
         if mamba_step is not None:
             # the layout transformers hands it: per-head values broadcast over the head dim with stride 0
             A = (-torch.exp(A_log))[:, None, None].expand(h, p, n)
@@ -243,6 +251,8 @@ def main():
                         help="the per-op grid instead of the default shapes: 0.5B and 7B x batch 1, 4 x 2K, 8K, 32K")
     parser.add_argument("--only", nargs="+", metavar="SHAPE",
                         help="scan shapes of these models only, e.g. --only 7B (the decode step runs as usual)")
+    parser.add_argument("--step-sweep", action="store_true", help="also time the decode step at several launch shapes")
+    parser.add_argument("--step-only", action="store_true", help="time the decode step only (no scan)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/ssd_kernels.py needs a CUDA GPU")
@@ -252,9 +262,10 @@ def main():
     shapes = GRID_SHAPES if args.grid else SCAN_SHAPES
     if args.only:
         shapes = [s for s in shapes if s[0] in args.only]
-    bench_scan(mamba_scan, with_reference=not args.no_reference,
-               shapes=shapes + ([SHAPE_34B] if args.with_34b else []))
-    bench_step(mamba_step)
+    if not args.step_only:
+        bench_scan(mamba_scan, with_reference=not args.no_reference,
+                   shapes=shapes + ([SHAPE_34B] if args.with_34b else []))
+    bench_step(mamba_step, sweep=args.step_sweep)
     emit(total_s=round(time.perf_counter() - start, 1))
 
 
