@@ -16,6 +16,7 @@ every config of skinny_triton.CONFIGS on each op (to choose the list).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=["0.5B", "7B"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--configs", action="store_true", help="also time every config of skinny_triton.CONFIGS")
+    parser.add_argument("--pdl", action="store_true",
+                        help="also time the fused op without programmatic dependent launch and with other prefetch "
+                             "lengths (pdl_us: {variant: us})")
     args = parser.parse_args(argv)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for shape in args.shapes:
@@ -109,8 +113,31 @@ def main(argv=None) -> int:
                     record.update(unfolded_us=t_unfolded * 1e6, fold_speedup=t_unfolded / t_fused)
                 if args.configs:
                     record["configs"] = time_configs(fused)
+                if args.pdl:
+                    record["pdl_us"] = time_pdl_variants(fused)
                 print(json.dumps(record), flush=True)
     return 0
+
+
+PDL_VARIANTS = {"off": dict(pdl=False, prefetch_k=0), "on, no prefetch": dict(pdl=True, prefetch_k=0),
+                "on, prefetch 256": dict(pdl=True, prefetch_k=256),
+                "on, prefetch 1024": dict(pdl=True, prefetch_k=1024),
+                "on, prefetch 4096": dict(pdl=True, prefetch_k=4096)}
+
+
+def time_pdl_variants(fused) -> dict:
+    """The op with each PDL variant forced on both launchers (graph of 20 calls: consecutive kernels overlap as
+    consecutive layers' products do in the decode step)."""
+    launchers = (skinny_triton.multi_linear_triton, skinny_triton.pair_linear_triton)
+    out = {}
+    try:
+        for name, options in PDL_VARIANTS.items():
+            skinny_triton.multi_linear_triton = functools.partial(launchers[0], **options)
+            skinny_triton.pair_linear_triton = functools.partial(launchers[1], **options)
+            out[name] = graph_replay_seconds(fused) * 1e6
+    finally:
+        skinny_triton.multi_linear_triton, skinny_triton.pair_linear_triton = launchers
+    return out
 
 
 def time_configs(fused) -> dict:

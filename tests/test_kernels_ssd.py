@@ -306,7 +306,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         dt_consts.update(BT=bt, NS=2 * nb + 2 * nn, NSP=triton.next_power_of_2(2 * nb + 2 * nn), NQ=(q // 16) * nn)
         out[f"bwd_dt p{p}"] = compile_for_h100(B._bwd_dt_kernel, dt_consts, sc, bf16, 4, 3)
         step_consts = dict(BP=4, BN=n, HAS_IDX=on, HAS_D=on, HAS_BIAS=on, HAS_Z=on, SOFTPLUS=on, HAS_LIMIT=not on,
-                           INTERP=False)
+                           INTERP=False, PDL=on)
         out[f"step p{p}"] = compile_for_h100(F._step_kernel, step_consts, sc, bf16, 4, 3)
     print(json.dumps(out))
 """)

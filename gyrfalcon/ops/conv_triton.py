@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import sm_count
+from .pdl import launch_options, pdl_supported, pdl_wait
 
 WINDOW = 4  # register window slots: inputs t-3 .. t
 
@@ -319,8 +320,9 @@ def _conv_update_kernel(
     D,
     stride_xb, stride_sn, stride_sd, stride_sk, stride_wd, stride_wk, stride_yb,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     pid_d, pid_b = tl.program_id(0), tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -494,12 +496,13 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation: st
         return y
     block_d = min(256, triton.next_power_of_2(d))
     grid = (triton.cdiv(d, block_d), b)
+    pdl = pdl_supported(x.device)
     _conv_update_kernel[grid](
         x, conv_state, weight, bias if bias is not None else weight,
         state_indices if state_indices is not None else x, y,
         d,
         x.stride(0), *conv_state.stride(), weight.stride(0), weight.stride(1), y.stride(0),
         K=k, HAS_BIAS=bias is not None, HAS_IDX=state_indices is not None, SILU=activation == "silu",
-        BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k - 1), num_warps=2,
+        BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k - 1), PDL=pdl, num_warps=2, **launch_options(pdl),
     )
     return y

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import sm_count
+from .pdl import launch_options, pdl_supported, pdl_wait
 from .ssd_triton import _INTERPRET, _bound, _store
 
 BLOCK_N = 64             # cache columns per loop step of a program, and the shortest split
@@ -56,7 +57,8 @@ def split_plan(b: int, hk: int, kv_len: int, device: torch.device) -> tuple[int,
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, scale, G, D, split_len,
                              sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_s, sm_b, sm_h,
                              BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                             IEEE: tl.constexpr, INTERP: tl.constexpr, PARTIAL: tl.constexpr):
+                             IEEE: tl.constexpr, INTERP: tl.constexpr, PARTIAL: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -109,9 +111,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, 
 
 @triton.jit
 def _merge_splits_kernel(p_ptr, m_ptr, l_ptr, o_ptr, S, D, sp_b, sp_h, sp_s, sm_b, sm_h, so_b, so_h,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
     """Per (row, query head): out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max_s m_s). The max is
     finite (every row has a valid column), so a split with m = -inf weighs exp(-inf) = 0."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     ss = tl.arange(0, BLOCK_S)
@@ -148,8 +151,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # fp32 inputs: exact fp32 dots (not TF32). The CPU interpreter has no bf16 arithmetic: fp32 dots there too.
     ieee = q.dtype in (torch.float32, torch.float64) or _INTERPRET
     block_d = max(16, triton.next_power_of_2(d))
+    pdl = pdl_supported(q.device)
     common = dict(BLOCK_N=BLOCK_N, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, IEEE=ieee,
-                  INTERP=_INTERPRET, num_warps=4)
+                  INTERP=_INTERPRET, PDL=pdl, num_warps=4, **launch_options(pdl))
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
@@ -168,5 +172,5 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _merge_splits_kernel[(b, hq)](
         partial, m, s, out, splits, d, partial.stride(0), partial.stride(1), partial.stride(2), m.stride(0),
         m.stride(1), out.stride(0), out.stride(1), BLOCK_S=min(MERGE_BLOCK_S, triton.next_power_of_2(splits)),
-        BLOCK_D=block_d, INTERP=_INTERPRET, num_warps=2)
+        BLOCK_D=block_d, INTERP=_INTERPRET, PDL=pdl, num_warps=2, **launch_options(pdl))
     return out

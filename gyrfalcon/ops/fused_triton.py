@@ -14,11 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, pdl_supported, pdl_wait
+
 BLOCK = 1024
 
 
 @triton.jit
-def _residual_mix_kernel(x_ptr, m_ptr, a_ptr, out_ptr, n, s_m, s_a, HAS_A: tl.constexpr, BLOCK: tl.constexpr):
+def _residual_mix_kernel(x_ptr, m_ptr, a_ptr, out_ptr, n, s_m, s_a, HAS_A: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -30,8 +34,9 @@ def _residual_mix_kernel(x_ptr, m_ptr, a_ptr, out_ptr, n, s_m, s_a, HAS_A: tl.co
 
 @triton.jit
 def _residual_mix_norm_kernel(x_ptr, m_ptr, a_ptr, w_ptr, out_ptr, norm_ptr, D, s_m, s_a, eps,
-                              BLOCK_D: tl.constexpr):
+                              BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """One row: out = x + (m s_m + a s_a) rounded to out's dtype, and norm = w * (out * rstd(out)) as rms_norm."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -49,7 +54,8 @@ def _residual_mix_norm_kernel(x_ptr, m_ptr, a_ptr, w_ptr, out_ptr, norm_ptr, D, 
 
 
 @triton.jit
-def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, gate_multiplier, BLOCK: tl.constexpr):
+def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, gate_multiplier, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gate_multiplier
@@ -77,7 +83,8 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, k
                        q_factor, v_factor, HQ, HK, D,
                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, so_b, so_h,
                        skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-                       BLOCK_D: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_D)
@@ -108,8 +115,9 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, k
 def residual_mix_triton(x, m, a, s_m: float, s_a: float):
     out = torch.empty_like(x)
     n = x.numel()
+    pdl = pdl_supported(x.device)
     _residual_mix_kernel[(triton.cdiv(n, BLOCK),)](x, m, a if a is not None else m, out, n, float(s_m), float(s_a),
-                                                    HAS_A=a is not None, BLOCK=BLOCK)
+                                                    HAS_A=a is not None, BLOCK=BLOCK, PDL=pdl, **launch_options(pdl))
     return out
 
 
@@ -117,15 +125,18 @@ def residual_mix_norm_triton(x, m, a, s_m: float, s_a: float, weight, eps: float
     d = x.shape[-1]
     out = torch.empty_like(x)
     normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    pdl = pdl_supported(x.device)
     _residual_mix_norm_kernel[(x.numel() // d,)](x, m, a, weight, out, normed, d, float(s_m), float(s_a), float(eps),
-                                                  BLOCK_D=triton.next_power_of_2(d))
+                                                  BLOCK_D=triton.next_power_of_2(d), PDL=pdl, **launch_options(pdl))
     return out, normed
 
 
 def swiglu_triton(g, u, gate_multiplier: float):
     out = torch.empty_like(u)
     n = u.numel()
-    _swiglu_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, float(gate_multiplier), BLOCK=BLOCK)
+    pdl = pdl_supported(u.device)
+    _swiglu_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, float(gate_multiplier), BLOCK=BLOCK, PDL=pdl,
+                                             **launch_options(pdl))
     return out
 
 
@@ -155,11 +166,12 @@ def rope_store_decode_triton(q, k, v, cos, sin, key_factor: float, k_cache, v_ca
     if d % 2 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
         raise ValueError("rope_store_decode: head_dim must be even and cos/sin share a contiguous last dim")
     q_out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    pdl = pdl_supported(q.device)
     _rope_store_kernel[(b, hq + hk)](
         q, k, v, cos, sin, positions, q_out, k_cache, v_cache, float(key_factor), float(q_factor), float(v_factor),
         hq, hk, d,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), BLOCK_D=triton.next_power_of_2(d))
+        v_cache.stride(2), BLOCK_D=triton.next_power_of_2(d), PDL=pdl, **launch_options(pdl))
     return q_out

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, pdl_supported, pdl_wait
 from .ssd_triton import _INTERPRET, _discretize, _limits, _state_step, _step_program, _store
 
 
@@ -56,7 +57,8 @@ def _mamba_step_kernel(zx_ptr, s_zx, conv_ptr, s_cs, s_cd, s_ck, w_ptr, s_wd, s_
                        K: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                        HAS_IDX: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
                        HAS_CONV_BIAS: tl.constexpr, GATE: tl.constexpr, SOFTPLUS: tl.constexpr,
-                       HAS_LIMIT: tl.constexpr, INTERP: tl.constexpr):
+                       HAS_LIMIT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     b, hd, gi, slot, rp, rn, mp, mn = _step_program(idx_ptr, hpg, p, n, BP, BN, HAS_IDX)
     zx_row = zx_ptr + b.to(tl.int64) * s_zx
     conv_row = conv_ptr + slot * s_cs
@@ -139,6 +141,7 @@ def mamba_step_triton(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_l
     if launch is not None:
         bp, warps = launch
     lo, hi, has_limit = _limits(dt_limit)
+    pdl = pdl_supported(zxbcdt.device)
     _mamba_step_kernel[(triton.cdiv(p, bp), b, h)](
         zxbcdt, zxbcdt.stride(0), conv_state, *conv_state.stride(), conv_weight, *conv_weight.stride(),
         conv_bias if conv_bias is not None else conv_weight,
@@ -147,5 +150,5 @@ def mamba_step_triton(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_l
         n_groups, h // n_groups, p, d_state, d_ssm, lo, hi, float(dt_scale), float(z_scale),
         K=k, BK=triton.next_power_of_2(k - 1), BP=bp, BN=bn, HAS_IDX=state_indices is not None, HAS_D=D is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_CONV_BIAS=conv_bias is not None, GATE=gate, SOFTPLUS=True,
-        HAS_LIMIT=has_limit, INTERP=_INTERPRET, num_warps=warps)
+        HAS_LIMIT=has_limit, INTERP=_INTERPRET, PDL=pdl, num_warps=warps, **launch_options(pdl))
     return y

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import sm_count
+from .pdl import launch_options, pdl_supported, pdl_wait
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -35,7 +36,8 @@ def _row_offset(row, stride, ALIGN: tl.constexpr):
 
 @triton.jit
 def _rms_fwd_kernel(x_ptr, w_ptr, out_ptr, N, D, stride_x, stride_o, eps, ALIGN: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -76,8 +78,10 @@ def _rms_bwd_kernel(x_ptr, w_ptr, dout_ptr, dx_ptr, dw_ptr, N, D, stride_x, stri
 
 @triton.jit
 def _gated_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, D, G, stride_y, stride_z, stride_o, eps, z_scale,
-                      ALIGN: tl.constexpr, NORM: tl.constexpr, BEFORE: tl.constexpr, BLOCK_G: tl.constexpr):
+                      ALIGN: tl.constexpr, NORM: tl.constexpr, BEFORE: tl.constexpr, BLOCK_G: tl.constexpr,
+                      PDL: tl.constexpr):
     """One program per (row, group of G channels); without NORM a "group" is just a block of channels."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * G + tl.arange(0, BLOCK_G)
     mask = (tl.arange(0, BLOCK_G) < G) & (offs < D)
@@ -181,8 +185,10 @@ class _RMSNormFn(torch.autograd.Function):
         out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         block = triton.next_power_of_2(d)
         if x2.shape[0]:
+            pdl = pdl_supported(x.device)
             _rms_fwd_kernel[(x2.shape[0],)](x2, weight, out, x2.shape[0], d, x2.stride(0), out.stride(0), eps,
-                                            ALIGN=_align(x2, out), BLOCK_D=block, num_warps=_num_warps(block))
+                                            ALIGN=_align(x2, out), BLOCK_D=block, PDL=pdl, num_warps=_num_warps(block),
+                                            **launch_options(pdl))
         ctx.save_for_backward(x2, weight)
         ctx.eps, ctx.x_shape = eps, x.shape
         return out.view(x.shape)
@@ -216,10 +222,11 @@ class _GatedRMSNormFn(torch.autograd.Function):
         group, grid_g = _grouping(d, n_groups, weight is not None)
         block = triton.next_power_of_2(group)
         if y2.shape[0]:
+            pdl = pdl_supported(y.device)
             _gated_fwd_kernel[(y2.shape[0], grid_g)](
                 y2, z2, weight if weight is not None else y2, out, d, group, y2.stride(0), z2.stride(0),
                 out.stride(0), eps, z_scale, ALIGN=_align(y2, z2, out), NORM=weight is not None, BEFORE=before,
-                BLOCK_G=block, num_warps=_num_warps(block))
+                BLOCK_G=block, PDL=pdl, num_warps=_num_warps(block), **launch_options(pdl))
         ctx.save_for_backward(y2, z2, weight)
         ctx.eps, ctx.n_groups, ctx.before, ctx.shape, ctx.z_scale = eps, n_groups, before, y.shape, z_scale
         return out.view(y.shape)

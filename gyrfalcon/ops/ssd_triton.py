@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, pdl_supported, pdl_wait
+
 # triton.jit chose the interpreter from the same knob when the kernels below were defined.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -443,8 +445,9 @@ def _step_kernel(state_ptr, idx_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_p
                  s_zb, s_zh, s_zp, s_yb, s_yh, s_yp,
                  BP: tl.constexpr, BN: tl.constexpr, HAS_IDX: tl.constexpr, HAS_D: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                 INTERP: tl.constexpr):
+                 INTERP: tl.constexpr, PDL: tl.constexpr):
     """Grid (cdiv(p, BP), b, H): reads and writes one BP x n slice of a state slot once (a bandwidth-bound op)."""
+    pdl_wait(PDL)
     b, hd, gi, slot, rp, rn, mp, mn = _step_program(idx_ptr, hpg, p, n, BP, BN, HAS_IDX)
     sptr = state_ptr + slot * s_ss + hd * s_sh + rp[:, None] * s_sp + rn[None, :] * s_sn
     smask = mp[:, None] & mn[None, :]
@@ -491,12 +494,14 @@ def ssd_step_triton(state, x, dt, A_log, B, C, D=None, dt_bias=None, *, dt_softp
         bp, warps = launch
     lo, hi, has_limit = _limits(dt_limit)
     zz = z if z is not None else x
+    pdl = pdl_supported(x.device)
     _step_kernel[(triton.cdiv(p, bp), b, h)](
         state, state_indices, x, dt, A_log, B, C, D, dt_bias, zz, y,
         h // g, p, n, lo, hi, float(dt_scale), float(z_scale),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
         BP=bp, BN=bn, HAS_IDX=state_indices is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
-        HAS_Z=z is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, INTERP=_INTERPRET, num_warps=warps)
+        HAS_Z=z is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, INTERP=_INTERPRET, PDL=pdl, num_warps=warps,
+        **launch_options(pdl))
     return y
 
 
