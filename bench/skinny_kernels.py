@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--configs", action="store_true", help="also time every config of skinny_triton.CONFIGS")
     parser.add_argument("--pdl", action="store_true",
-                        help="also time the fused op without programmatic dependent launch and with other prefetch "
-                             "lengths (pdl_us: {variant: us})")
+                        help="also time the fused op with and without programmatic dependent launch "
+                             "(pdl_us: {variant: us})")
     args = parser.parse_args(argv)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for shape in args.shapes:
@@ -119,10 +119,7 @@ def main(argv=None) -> int:
     return 0
 
 
-PDL_VARIANTS = {"off": dict(pdl=False, prefetch_k=0), "on, no prefetch": dict(pdl=True, prefetch_k=0),
-                "on, prefetch 256": dict(pdl=True, prefetch_k=256),
-                "on, prefetch 1024": dict(pdl=True, prefetch_k=1024),
-                "on, prefetch 4096": dict(pdl=True, prefetch_k=4096)}
+PDL_VARIANTS = {"off": dict(pdl=False), "on": dict(pdl=True)}
 
 
 def time_pdl_variants(fused) -> dict:

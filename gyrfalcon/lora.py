@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora_autograd import lora_linear
 from .quant import Linear4bit
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "out_proj")
@@ -127,10 +128,12 @@ class LoRALinear(LoRALayer, nn.Linear):
         return self.weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
-        return self.add_adapter_output(y, x)
+            return F.linear(x, self.weight, self.bias)
+        if self.dropout_p == 0.0 or not self.training:
+            # one autograd function: its backward accumulates the adapter's input gradient into the base's
+            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+        return self.add_adapter_output(F.linear(x, self.weight, self.bias), x)
 
     @torch.no_grad()
     def merge(self) -> None:

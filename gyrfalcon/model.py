@@ -93,6 +93,25 @@ class Attention(nn.Module):
                               dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
 
+    def unscaled(self, x, cos, sin, padding_mask=None, seq_idx=None) -> tuple[torch.Tensor, float]:
+        """(out, factor) with forward(x) == out * factor, without a cache. With bias-free projections (all released
+        Falcon-H1 models) they are linear, so the input factor a need not scale x: a on q and a * key_multiplier on
+        k go into the softmax scale, and a on v becomes the returned factor (which the decoder layer folds into the
+        attention_out factor of its residual mix). That saves the passes over x and k (forward, recomputation and
+        backward) that the factors would otherwise cost in training."""
+        if self.q_proj.bias is not None or self.k_proj.bias is not None or self.v_proj.bias is not None:
+            return self.forward(x, cos, sin, padding_mask, seq_idx), 1.0
+        b, l, _ = x.shape
+        a = self.in_multiplier
+        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = ops.apply_rope(q, k, cos, sin)
+        scale = self.head_dim ** -0.5 * a * a * self.key_multiplier
+        o = ops.attention(q, k, v, scale=scale, key_padding_mask=padding_mask, doc_ids=seq_idx,
+                          dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(o.transpose(1, 2).reshape(b, l, -1)), a
+
     def _decode(self, x, cos, sin, cache: LayerCache):
         """One token per row: the projections (with an input bias, after the input factor), then decode_attend."""
         b = x.shape[0]
@@ -272,12 +291,15 @@ class DecoderLayer(nn.Module):
             return self._skinny_decode(x, cos, sin, cache)
         h = self.input_layernorm(x)
         mamba_out = self.mamba(h, padding_mask, seq_idx, cache)
-        attn_out = self.self_attn(h, cos, sin, padding_mask, seq_idx, cache)  # applies attention_in itself
+        if cache is None:   # the attention_in factor comes back as a factor on its output (Attention.unscaled)
+            attn_out, attn_factor = self.self_attn.unscaled(h, cos, sin, padding_mask, seq_idx)
+        else:
+            attn_out, attn_factor = self.self_attn(h, cos, sin, padding_mask, seq_idx, cache), 1.0
         # x + (mamba * ssm_out + attention * attention_out) with the MLP's input norm of it, then x + mlp * down:
-        # one fused kernel each when no gradient is needed (ops/fused.py), the plain expressions otherwise.
+        # one fused kernel each on CUDA (ops/fused.py; with a one-kernel backward in training).
         norm = self.pre_ff_layernorm
-        x, h = ops.residual_mix_norm(x, mamba_out, attn_out, self.ssm_out_multiplier, self.attention_out_multiplier,
-                                     norm.weight, norm.eps)
+        x, h = ops.residual_mix_norm(x, mamba_out, attn_out, self.ssm_out_multiplier,
+                                     self.attention_out_multiplier * attn_factor, norm.weight, norm.eps)
         return ops.residual_add(x, self.feed_forward.unscaled(h), self.feed_forward.down_multiplier)
 
     def _projections(self) -> tuple[nn.Module, ...]:

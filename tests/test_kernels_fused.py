@@ -118,3 +118,57 @@ def test_residual_mix_norm(dtype):
             assert rel_err(got, ref) <= 1e-6
         else:
             assert rel_err(got, ref) <= 2 * rel_err(e, ref) + BF16_FLOOR
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grads", ["both", "norm_only", "new_only"])
+def test_residual_mix_norm_gradients(dtype, grads):
+    """ResidualMixNormFn: the gradients of x, m, a and the norm weight against float64 autograd of the reference,
+    with a gradient arriving on both outputs, on the normed output only, or on the residual only (the other None).
+    Rows of 333 channels (odd, masked) and fewer programs than rows (each program walks several)."""
+    from gyrfalcon.ops.fused_triton import ResidualMixNormFn
+    from gyrfalcon.ops.norm import rms_norm_ref
+
+    gen = torch.Generator().manual_seed(7)
+    x, m, a = (rand(3, 5, 333, dtype=dtype, gen=gen) for _ in range(3))
+    weight = (1 + 0.1 * torch.randn(333, generator=gen)).to(DEV, dtype)
+    d_new, d_norm = (rand(3, 5, 333, dtype=dtype, gen=gen) for _ in range(2))
+
+    def run(fn, leaves):
+        new, normed = fn(*leaves)
+        outs, cots = [], []
+        if grads in ("both", "new_only"):
+            outs.append(new), cots.append(d_new.to(new.dtype))
+        if grads in ("both", "norm_only"):
+            outs.append(normed), cots.append(d_norm.to(normed.dtype))
+        return torch.autograd.grad(outs, leaves, cots, allow_unused=True)
+
+    def reference(x, m, a, w):
+        new = fused.residual_mix_ref(x, m, a, 0.4, 1.3)
+        return new, rms_norm_ref(new, w, 1e-5)
+
+    leaves = [t.detach().requires_grad_() for t in (x, m, a, weight)]
+    got = run(lambda *t: ResidualMixNormFn.apply(t[0], t[1], t[2], 0.4, 1.3, t[3], 1e-5), leaves)
+    exact = run(reference, [t.detach().double().requires_grad_() for t in (x, m, a, weight)])
+    eager = run(reference, [t.detach().requires_grad_() for t in (x, m, a, weight)])
+    for name, g, e, ref in zip(("x", "m", "a", "weight"), got, eager, exact):
+        if ref is None:      # the weight gets no gradient when none arrives on the normed output
+            assert g is None or not g.abs().any(), name
+            continue
+        assert g.dtype == dtype, name
+        if dtype == torch.float32:
+            assert rel_err(g, ref) <= 1e-5, name
+        else:
+            assert rel_err(g, ref) <= 2 * rel_err(e, ref) + BF16_FLOOR, name
+
+
+def test_residual_add_gradients():
+    from gyrfalcon.ops.fused_triton import ResidualAddFn
+
+    gen = torch.Generator().manual_seed(8)
+    x, y, dout = (rand(4, 77, dtype=torch.float32, gen=gen) for _ in range(3))
+    x.requires_grad_(), y.requires_grad_()
+    out = ResidualAddFn.apply(x, y, 0.7)
+    assert rel_err(out, x.double() + 0.7 * y.double()) <= 1e-6
+    dx, dy = torch.autograd.grad(out, (x, y), dout)
+    assert torch.equal(dx, dout) and rel_err(dy, 0.7 * dout.double()) <= 1e-6

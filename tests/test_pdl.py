@@ -2,8 +2,8 @@
 
 On CPU, PDL is off (the interpreter cannot run `griddepcontrol`), which every kernel test under the interpreter
 exercises. Here: the switch itself, and every kernel that takes the PDL flag compiled for an H100 (sm_90) with it on,
-in a subprocess (no GPU needed), checking that the wait, the launch signal and (few-row products) the L2 prefetch
-really are in the machine code. Whether a PDL launch waits correctly is checked on the GPU by the decode tests
+in a subprocess (no GPU needed), checking that the wait and the launch signal really are in the machine code (and
+not there with the flag off). Whether a PDL launch waits correctly is checked on the GPU by the decode tests
 (teacher forcing through the CUDA-graph step equals full forwards), which run with PDL on there.
 """
 
@@ -26,13 +26,6 @@ def test_pdl_is_off_on_cpu_and_its_launch_options():
     assert not pdl_supported(torch.device("cpu"))
     assert launch_options(False) == {}
     assert launch_options(True) == {"launch_pdl": True}
-
-
-def test_prefetch_length_is_checked():
-    from gyrfalcon.ops.skinny_triton import multi_linear_triton
-    x, w = torch.zeros(1, 64), torch.zeros(8, 64)
-    with pytest.raises(ValueError, match="prefetch_k"):
-        multi_linear_triton(x, [w], torch.empty(1, 8), pdl=False, prefetch_k=96)
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -67,7 +60,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
-    skinny = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, INTERP=False, PDL=True, PREFETCH_K=1024)
+    skinny = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, INTERP=False, PDL=True)
     cases = {
         "multi": (skinny_triton._multi_kernel, dict(skinny, HAS_NORM=True)),
         "pair_swiglu": (skinny_triton._pair_kernel, dict(skinny, MODE=1, HAS_SECOND=False, HAS_RES=False,
@@ -92,12 +85,12 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         "rms": (norm_triton._rms_fwd_kernel, dict(ALIGN=8, BLOCK_D=1024, PDL=True)),
         "gated": (norm_triton._gated_fwd_kernel, dict(ALIGN=8, NORM=True, BEFORE=False, BLOCK_G=1024, PDL=True)),
     }
-    cases["multi_off"] = (skinny_triton._multi_kernel, dict(skinny, HAS_NORM=True, PDL=False, PREFETCH_K=0))
-    # griddepcontrol.wait -> ACQBULK, griddepcontrol.launch_dependents -> PREEXIT, prefetch.global.L2 -> CCTL.E.PF2
+    cases["multi_off"] = (skinny_triton._multi_kernel, dict(skinny, HAS_NORM=True, PDL=False))
+    # griddepcontrol.wait -> ACQBULK, griddepcontrol.launch_dependents -> PREEXIT
     out = {}
     for name, (kernel, consts) in cases.items():
         sass = sass_of(kernel, consts)
-        out[name] = {"wait": "ACQBULK" in sass, "signal": "PREEXIT" in sass, "prefetch": "CCTL.E.PF2" in sass}
+        out[name] = {"wait": "ACQBULK" in sass, "signal": "PREEXIT" in sass}
     print(json.dumps(out))
 """)
 
@@ -114,4 +107,3 @@ def test_decode_kernels_compile_with_pdl_for_h100():
     assert len(result) == 14
     for name, found in result.items():
         assert found["wait"] and found["signal"], (name, found)
-        assert found["prefetch"] == name.startswith(("multi", "pair")), (name, found)

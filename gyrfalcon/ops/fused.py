@@ -15,9 +15,9 @@ rounding at the end (the references round after every step, as the training path
         (b, d) in the model dtype, k_cache, v_cache (b, hk, capacity, d), positions (b,) int on the device.
         Returns (b, hq, d).
 
-The Triton kernels (fused_triton.py) run on CUDA; where a gradient is needed, only swiglu has a kernel (with its
-backward), the others keep the references (whose backward autograd provides). Shapes of x, m, a, y, g, u: any,
-equal, contiguous in memory.
+The Triton kernels (fused_triton.py) run on CUDA; where a gradient is needed, swiglu, residual_add and
+residual_mix_norm run autograd functions with a one-kernel backward, the others keep the references (whose backward
+autograd provides). Shapes of x, m, a, y, g, u: any, equal, contiguous in memory.
 """
 
 from __future__ import annotations
@@ -80,18 +80,26 @@ def residual_mix(x, m, a, s_m: float, s_a: float):
     return residual_mix_ref(x, m, a, s_m, s_a)
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None)
+
+
 def residual_mix_norm(x, m, a, s_m: float, s_a: float, weight, eps: float):
     """(x + (m * s_m + a * s_a), rms_norm of that): the decoder layer's mixer residual and the MLP's input norm."""
-    if (_inference(x, m, a, weight) and _elementwise_ok(x, m, a) and x.shape[-1] <= 16384
+    if (kernels_enabled(x, m, a, weight) and _elementwise_ok(x, m, a) and x.shape[-1] <= 16384
             and weight.is_contiguous() and x.dtype in KERNEL_DTYPES):
-        from .fused_triton import residual_mix_norm_triton
+        from .fused_triton import ResidualMixNormFn, residual_mix_norm_triton
+        if _needs_grad(x, m, a, weight):
+            return ResidualMixNormFn.apply(x, m, a, s_m, s_a, weight, eps)
         return residual_mix_norm_triton(x, m, a, s_m, s_a, weight, eps)
     return residual_mix_norm_ref(x, m, a, s_m, s_a, weight, eps)
 
 
 def residual_add(x, y, s: float):
-    if _inference(x, y) and _elementwise_ok(x, y):
-        from .fused_triton import residual_mix_triton
+    if kernels_enabled(x, y) and _elementwise_ok(x, y) and x.dtype in KERNEL_DTYPES:
+        from .fused_triton import ResidualAddFn, residual_mix_triton
+        if _needs_grad(x, y):
+            return ResidualAddFn.apply(x, y, s)
         return residual_mix_triton(x, y, None, s, 0.0)
     return residual_add_ref(x, y, s)
 

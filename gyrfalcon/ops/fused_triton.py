@@ -1,5 +1,6 @@
 """Triton kernels of ops/fused.py. Semantics are the references' there; all math is in fp32, with one rounding to the
-output dtype. Inference only (no backward), except the SwiGLU gate, which also trains (SwiGLUFn).
+output dtype. The SwiGLU gate (SwiGLUFn), the residual add (ResidualAddFn) and the residual mix with the MLP's input
+norm (ResidualMixNormFn) also train: their backward is one kernel each (none for the residual add's x).
 
 Elementwise kernels (residual_mix, swiglu) treat their inputs as flat contiguous arrays of n values, BLOCK per
 program. rope_store_decode runs one program per (row, head) over hq + hk heads: a query head is rotated into the
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import sm_count
 from .pdl import launch_options, pdl_supported, pdl_wait
 
 BLOCK = 1024
@@ -51,6 +53,42 @@ def _residual_mix_norm_kernel(x_ptr, m_ptr, a_ptr, w_ptr, out_ptr, norm_ptr, D, 
     xn = (nf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded before the weight, as rms_norm does
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(norm_ptr + base, (w * xn).to(norm_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _residual_mix_norm_bwd_kernel(new_ptr, w_ptr, dnew_ptr, dnorm_ptr, dx_ptr, dm_ptr, da_ptr, dw_ptr, N, D,
+                                  s_m, s_a, eps, HAS_DNEW: tl.constexpr, HAS_DNORM: tl.constexpr,
+                                  WANT_DW: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows pid, pid + P, ...: g = dnew + rms_norm's input gradient of dnorm at `new`; dx = g, dm = s_m g,
+    da = s_a g; the weight gradient sum(dnorm * new * rstd) over this program's rows into dw (one partial each)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row = pid.to(tl.int64)
+    while row < N:
+        base = row * D + offs
+        g = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_DNEW:
+            g += tl.load(dnew_ptr + base, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DNORM:
+            new_raw = tl.load(new_ptr + base, mask=mask, other=0.0)
+            x = new_raw.to(tl.float32)
+            dout = tl.load(dnorm_ptr + base, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            xhat = x * rstd
+            dxhat = dout * w
+            g += rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / D))
+            if WANT_DW:
+                dw += dout * xhat.to(new_raw.dtype).to(tl.float32)
+        tl.store(dx_ptr + base, g.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dm_ptr + base, (g * s_m).to(dm_ptr.dtype.element_ty), mask=mask)
+        tl.store(da_ptr + base, (g * s_a).to(da_ptr.dtype.element_ty), mask=mask)
+        row += n_prog
+    if WANT_DW:
+        tl.store(dw_ptr + pid.to(tl.int64) * D + offs, dw, mask=mask)
 
 
 @triton.jit
@@ -129,6 +167,55 @@ def residual_mix_norm_triton(x, m, a, s_m: float, s_a: float, weight, eps: float
     _residual_mix_norm_kernel[(x.numel() // d,)](x, m, a, weight, out, normed, d, float(s_m), float(s_a), float(eps),
                                                   BLOCK_D=triton.next_power_of_2(d), PDL=pdl, **launch_options(pdl))
     return out, normed
+
+
+class ResidualAddFn(torch.autograd.Function):
+    """x + y * s in one kernel; backward: dx = dout (no kernel), dy = s dout."""
+
+    @staticmethod
+    def forward(ctx, x, y, s: float):
+        ctx.s = s
+        return residual_mix_triton(x, y, None, s, 0.0)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return dout, dout * ctx.s, None
+
+
+class ResidualMixNormFn(torch.autograd.Function):
+    """(new, normed) = (x + (m s_m + a s_a), rms_norm(new, weight, eps)) in one kernel forward and one backward.
+    Saves `new` (which the next layer holds anyway) and the weight."""
+
+    @staticmethod
+    def forward(ctx, x, m, a, s_m: float, s_a: float, weight, eps: float):
+        new, normed = residual_mix_norm_triton(x, m, a, s_m, s_a, weight, eps)
+        ctx.save_for_backward(new, weight)
+        ctx.s_m, ctx.s_a, ctx.eps = s_m, s_a, eps
+        ctx.dtypes = (x.dtype, m.dtype, a.dtype)
+        ctx.set_materialize_grads(False)
+        return new, normed
+
+    @staticmethod
+    def backward(ctx, dnew, dnormed):
+        new, weight = ctx.saved_tensors
+        d = new.shape[-1]
+        n = new.numel() // d
+        dx = torch.empty(new.shape, dtype=ctx.dtypes[0], device=new.device)
+        dm = torch.empty(new.shape, dtype=ctx.dtypes[1], device=new.device)
+        da = torch.empty(new.shape, dtype=ctx.dtypes[2], device=new.device)
+        want_dw = ctx.needs_input_grad[5] and dnormed is not None
+        programs = max(1, min(n, 4 * sm_count(new.device, cpu_default=4)))
+        dw_part = torch.empty((programs, d), dtype=torch.float32, device=new.device) if want_dw else dx
+        block = triton.next_power_of_2(d)
+        _residual_mix_norm_bwd_kernel[(programs,)](
+            new, weight, dnew.contiguous() if dnew is not None else new,
+            dnormed.contiguous() if dnormed is not None else new, dx, dm, da, dw_part, n, d,
+            float(ctx.s_m), float(ctx.s_a), float(ctx.eps), HAS_DNEW=dnew is not None, HAS_DNORM=dnormed is not None,
+            WANT_DW=want_dw, BLOCK_D=block, num_warps=max(1, min(16, block // 256)))
+        dw = None
+        if ctx.needs_input_grad[5]:
+            dw = dw_part.sum(0).to(weight.dtype) if want_dw else torch.zeros_like(weight)
+        return dx, dm, da, None, None, dw, None
 
 
 def swiglu_triton(g, u, gate_multiplier: float):

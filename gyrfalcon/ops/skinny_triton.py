@@ -14,9 +14,8 @@ fp32 on the CUDA cores (no tensor-core tile to pad M to), many small programs pe
 All accumulation in fp32, one rounding to out's dtype.
 
 Programmatic dependent launch (ops/pdl.py, Hopper): the next product is launched while the previous kernel drains.
-Its programs first ask for the first PREFETCH_K columns of their weight rows to be brought into L2 (weights are
-never written during a decode step, so this may run before the wait), then wait for the previous kernel, so the
-first weight tiles are in flight before that kernel's last programs finish.
+Prefetching the first weight tiles into L2 before the wait was tried and measured (bench/skinny_kernels.py --pdl,
+H100, 2026-11-24): no gain with 256 columns per row, 2-4% slower at the 7B shape with 1024 and 4096, so it is not done.
 
 RMSNorm fold (HAS_NORM): x -> rms_norm(x, nw, eps) = x * rsqrt(mean_k x_k^2 + eps) * nw before the product (on x of
 _multi_kernel, on x1 of _pair_kernel: both SwiGLU products, never x2). Since every program walks the full K of its
@@ -38,9 +37,6 @@ from .ssd_triton import _INTERPRET, _bound
 MODE_SUM = 0
 MODE_SWIGLU = 1
 
-# Weight columns per row a program prefetches into L2 before waiting on the previous kernel (PDL only).
-PREFETCH_DEFAULT = 1024
-
 # (BLOCK_N, BLOCK_K, num_warps, num_stages); autotuned per (M, N, K) on the first call of each shape.
 CONFIGS = [(4, 512, 4, 3), (8, 256, 4, 4), (2, 1024, 4, 3), (8, 512, 8, 3), (4, 1024, 4, 3)]
 
@@ -49,19 +45,6 @@ def _configs():
     if _INTERPRET:  # the CPU interpreter: one small config (odd K and N still cross tile edges)
         return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 16})]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in CONFIGS]
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, sw_n, N, K, rows, PREFETCH_K: tl.constexpr):
-    """Ask for the first PREFETCH_K columns of the weight rows `rows` to be brought into L2 (one request per 128-byte
-    line, results unused). Weights are never written during a decode step, so a program may do this before it waits
-    on the previous kernel (pdl_wait): the loads of its first tiles then overlap that kernel's last programs."""
-    if PREFETCH_K > 0:
-        lines = tl.arange(0, PREFETCH_K // 64) * 64                    # 64 bf16 = 128 bytes
-        ptrs = w_ptr + rows.to(tl.int64)[:, None] * sw_n + lines[None, :]
-        live = ((rows < N)[:, None] & (lines < K)[None, :]).to(tl.int32)
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                                  "=r,l,r", [ptrs, live], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -97,7 +80,7 @@ def _rows_dot(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM: tl
 @triton.jit
 def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, n3, nw_ptr, eps,
                   HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  INTERP: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr):
+                  INTERP: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     b1 = tl.cdiv(n0, BLOCK_N)
     b2 = b1 + tl.cdiv(n1, BLOCK_N)
@@ -112,7 +95,6 @@ def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, 
     else:
         w, n, col, blk = w3, n3, n0 + n1 + n2, pid - b3
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    _prefetch_rows(w, K, n, K, rows, PREFETCH_K)
     pdl_wait(PDL)
     acc = _rows_dot(x_ptr, sx_m, w, K, M, n, K, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
     m = tl.arange(0, BLOCK_M)
@@ -125,13 +107,8 @@ def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, 
 def _pair_kernel(x1_ptr, sx1, w1_ptr, K1, x2_ptr, sx2, w2_ptr, K2, res_ptr, sr_m, out_ptr, so_m, M, N, s1, s2,
                  nw_ptr, eps, MODE: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_RES: tl.constexpr,
                  HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INTERP: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr):
+                 INTERP: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    _prefetch_rows(w1_ptr, K1, N, K1, rows, PREFETCH_K)
-    if MODE == 1:
-        _prefetch_rows(w2_ptr, K1, N, K1, rows, PREFETCH_K)
-    elif HAS_SECOND:
-        _prefetch_rows(w2_ptr, K2, N, K2, rows, PREFETCH_K)
     pdl_wait(PDL)
     m = tl.arange(0, BLOCK_M)
     mask = (m < M)[:, None] & (rows < N)[None, :]
@@ -152,25 +129,13 @@ def _pair_kernel(x1_ptr, sx1, w1_ptr, K1, x2_ptr, sx2, w2_ptr, K2, res_ptr, sr_m
     tl.store(out_ptr + m[:, None] * so_m + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_extras(device, pdl: bool | None, prefetch_k: int | None, k: int) -> tuple[bool, int, dict]:
-    """(PDL on?, PREFETCH_K, launch options): PDL where the device has it (ops/pdl.py), and then the first
-    min(K, PREFETCH_DEFAULT) columns of each program's weight rows prefetched before the wait."""
-    pdl = pdl_supported(device) if pdl is None else pdl
-    if prefetch_k is None:
-        prefetch_k = min(PREFETCH_DEFAULT, triton.next_power_of_2(k)) if pdl else 0
-    if prefetch_k and (prefetch_k < 64 or prefetch_k & (prefetch_k - 1)):
-        raise ValueError(f"prefetch_k must be 0 or a power of two >= 64, got {prefetch_k}")
-    return pdl, prefetch_k, launch_options(pdl)
-
-
-def multi_linear_triton(x, weights, out, norm_weight=None, eps: float = 0.0, *, pdl: bool | None = None,
-                        prefetch_k: int | None = None):
+def multi_linear_triton(x, weights, out, norm_weight=None, eps: float = 0.0, *, pdl: bool | None = None):
     """out (M, sum N_i) = x (M, K) @ cat(weights).T; up to four weights (N_i, K), each row-contiguous; x first
-    RMS-normed with norm_weight (K,) contiguous, if given. pdl / prefetch_k override the launch (benchmarks)."""
+    RMS-normed with norm_weight (K,) contiguous, if given. pdl overrides the launch (benchmarks)."""
     ws = list(weights) + [weights[0]] * (4 - len(weights))
     ns = [w.shape[0] for w in weights] + [0] * (4 - len(weights))
     m, k = x.shape
-    pdl, prefetch_k, options = _launch_extras(x.device, pdl, prefetch_k, k)
+    pdl = pdl_supported(x.device) if pdl is None else pdl
 
     def grid(meta):
         return (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)
@@ -178,20 +143,20 @@ def multi_linear_triton(x, weights, out, norm_weight=None, eps: float = 0.0, *, 
     has_norm = norm_weight is not None
     _multi_kernel[grid](x, x.stride(0), out, out.stride(0), m, k, *ws, *ns, norm_weight if has_norm else x,
                         float(eps), HAS_NORM=has_norm, BLOCK_M=triton.next_power_of_2(m), INTERP=_INTERPRET,
-                        PDL=pdl, PREFETCH_K=prefetch_k, **options)
+                        PDL=pdl, **launch_options(pdl))
     return out
 
 
 def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int, norm_weight=None,
-                       eps: float = 0.0, *, pdl: bool | None = None, prefetch_k: int | None = None):
+                       eps: float = 0.0, *, pdl: bool | None = None):
     """out (M, N) = the mode's epilogue (module docstring) of x1 @ w1.T and x2 @ w2.T (x1 @ w2.T for SWIGLU), x1
-    first RMS-normed with norm_weight (K1,) contiguous, if given; x2, w2 and res may be None. pdl / prefetch_k
-    override the launch (benchmarks)."""
+    first RMS-normed with norm_weight (K1,) contiguous, if given; x2, w2 and res may be None. pdl overrides the
+    launch (benchmarks)."""
     m, k1 = x1.shape
     n = w1.shape[0]
     second = x2 is not None
     k2 = x2.shape[1] if second else 0
-    pdl, prefetch_k, options = _launch_extras(x1.device, pdl, prefetch_k, max(k1, k2))
+    pdl = pdl_supported(x1.device) if pdl is None else pdl
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
@@ -201,5 +166,5 @@ def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int
                        res.stride(0) if res is not None else 0, out, out.stride(0), m, n, float(s1), float(s2),
                        norm_weight if norm_weight is not None else x1, float(eps), MODE=mode, HAS_SECOND=second,
                        HAS_RES=res is not None, HAS_NORM=norm_weight is not None, BLOCK_M=triton.next_power_of_2(m),
-                       INTERP=_INTERPRET, PDL=pdl, PREFETCH_K=prefetch_k, **options)
+                       INTERP=_INTERPRET, PDL=pdl, **launch_options(pdl))
     return out
