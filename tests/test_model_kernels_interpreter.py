@@ -23,7 +23,8 @@ def kernels_on_cpu(monkeypatch):
     def patch():
         # ops/attention.py by its module path: the package exports a function of that name
         attention = importlib.import_module("gyrfalcon.ops.attention")
-        for module in (attention, conv, fused, mamba_decode, norm, rope, skinny, ssd):
+        loss = importlib.import_module("gyrfalcon.ops.loss")
+        for module in (attention, conv, fused, loss, mamba_decode, norm, rope, skinny, ssd):
             monkeypatch.setattr(module, "kernels_enabled", lambda *tensors: not dispatch.reference_forced())
     return patch
 
@@ -75,8 +76,9 @@ def test_decode_step_logits_kernel_path_equals_reference_path(kernels_on_cpu, ma
 
 
 def test_training_step_kernel_path_equals_reference_path(kernels_on_cpu):
-    """Loss and every LoRA gradient through the kernels' backward passes (SSD, conv, norms, SwiGLU) with activation
-    checkpointing and packed rows, against the references."""
+    """Loss and every LoRA gradient through the kernels' backward passes (SSD, conv, norms, SwiGLU, residual mix,
+    the fused loss with its gradient made in the forward) with activation checkpointing and packed rows, against the
+    references."""
     from gyrfalcon.lora import apply_lora
 
     config = FalconH1Config.from_preset("tiny", num_hidden_layers=2)

@@ -4,13 +4,17 @@ causal_lm_loss: logits (b, l, v) (any float dtype; the loss is taken in fp32), l
 linear_cross_entropy: the same loss from the final hidden states, without ever holding all the logits: hidden
 (n, d), weight (v, d) the lm_head, targets (n,) already shifted; the logits `scale * hidden @ weight.T` are made
 chunk by chunk in fp32 in the forward and again in the backward. At a 130K-261K vocabulary the full logits of a
-long sequence would be the largest tensor of a training step (a 32K-token row of the 7B: 17 GB in fp32).
+long sequence would be the largest tensor of a training step (a 32K-token row of the 7B: 17 GB in fp32). On CUDA with
+a frozen lm_head (LoRA), a Triton kernel takes each chunk's loss and gradient in one pass and the logits are made
+only once (_FusedLinearCrossEntropy, loss_triton.py).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import KERNEL_DTYPES, kernels_enabled
 
 IGNORE_INDEX = -100
 # Logits of about this many (token, vocabulary) entries at a time. A chunk's forward and backward hold ~16 bytes per
@@ -127,9 +131,44 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """The same loss with a frozen weight (LoRA, QLoRA: the lm_head takes no gradient): each chunk's logits are made
+    once, the Triton kernel (loss_triton.py) turns them into per-row losses and, when the hidden states need a
+    gradient, overwrites them with the gradient of the mean loss, which is multiplied into grad_hidden at once.
+    The backward only scales the stored grad_hidden (n, d) by grad_out: no recomputed logits, no fp32 copies. (That
+    product rounds once more in the model dtype, unless grad_out is a power of two such as 1 or 1 / accumulation.)"""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, ignore_index, chunk, want_grad):
+        from .loss_triton import ce_rows
+
+        count = (targets != ignore_index).sum()
+        grad_h = torch.empty_like(hidden) if want_grad else None
+        losses = []
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = _chunk_logits(hidden[rows], weight)
+            losses.append(ce_rows(logits, targets[rows], count, scale, ignore_index, write_grad=want_grad))
+            if want_grad:
+                _grad_hidden(logits, weight, grad_h[rows])
+        ctx.save_for_backward(grad_h)
+        return torch.cat(losses).sum() / count  # NaN when every target is ignored, as the eager loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None, None, None
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
                          ignore_index: int = IGNORE_INDEX, chunk: int | None = None) -> torch.Tensor:
     """Mean CE of (scale * hidden @ weight.T) against targets (see the module docstring). hidden (n, d),
-    weight (v, d), targets (n,). The fused Triton kernel takes this call on CUDA once it exists."""
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, scale, ignore_index,
-                                            chunk or chunk_tokens(weight.shape[0]))
+    weight (v, d), targets (n,). On CUDA with a frozen weight, the fused Triton path (_FusedLinearCrossEntropy);
+    otherwise the chunked PyTorch expression."""
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    grad_enabled = torch.is_grad_enabled()
+    if (kernels_enabled(hidden, weight, targets) and hidden.shape[0] > 0 and hidden.dtype in KERNEL_DTYPES
+            and hidden.dtype == weight.dtype and not (grad_enabled and weight.requires_grad)):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, scale, ignore_index, chunk,
+                                              grad_enabled and hidden.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, scale, ignore_index, chunk)
