@@ -1,10 +1,13 @@
 """Shared test helpers: tiny configs with every option exercised, the transformers oracle, error metrics, and the
-kernel tests' device, random inputs and float64 check."""
+kernel tests' device, random inputs and float64 check, and the subprocess that compiles kernels for an H100."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from gyrfalcon import FalconH1Config
@@ -89,3 +92,15 @@ def check_against_float64(got, ref_fn, inputs, dtype, fp32_tol: float) -> None:
     else:
         eager = ref_fn(*inputs)
         assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + BF16_FLOOR
+
+
+def compile_script_last_line(script: str, timeout: int = 600) -> str:
+    """Run `script` (which compiles kernels for sm_90) in a Python subprocess without TRITON_INTERPRET: the
+    interpreter does not type-check kernels as the compiler does, and no GPU is needed to compile. Fails the test
+    with the script's stderr if it fails; returns the last line of its output. Skips without Triton's NVIDIA
+    backend."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout.strip().splitlines()[-1]

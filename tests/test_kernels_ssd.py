@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -28,6 +25,7 @@ from gyrfalcon.ops.ssd import ssd_scan_ref, ssd_sequential_ref, ssd_step_ref
 
 ssd_triton = pytest.importorskip("gyrfalcon.ops.ssd_triton")
 from gyrfalcon.ops import ssd_triton_bwd  # noqa: E402
+from helpers import compile_script_last_line  # noqa: E402
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -315,12 +313,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 def test_every_kernel_compiles_for_h100():
     """Compile (to sm_90 machine code, with ptxas) each kernel at the 0.5B and 7B shapes with its first tuned config.
     Runs in a subprocess without TRITON_INTERPRET: the interpreter does not type-check kernels as the compiler does."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    shared = json.loads(compile_script_last_line(_COMPILE_SCRIPT))
     assert len(shared) == 30 and all(0 <= v <= 227 * 1024 for v in shared.values()), shared
 
 

@@ -47,13 +47,12 @@ class ConvLaunch:
                              f"of 2: {self}")
 
 
-def default_launch(b: int, l: int, d: int, device: torch.device, backward: bool = False) -> ConvLaunch:
+def default_launch(b: int, l: int, d: int, device: torch.device) -> ConvLaunch:
     """128 channels per program (a 256-byte bf16 row segment per token), one warp, and chunks of 32 tokens, fewer
     when that leaves under about eight programs per SM (shorter chunks only add halo re-reads). Chosen from
     `bench/conv_norm_kernels.py --sweep` on an H100 (2026-11-24, 14 launch shapes): best or within 2% of the best
     for both passes at the 0.5B (4 x 2K) and 7B (1 x 8K) shapes, with and without the weight gradient; 256 channels
-    and 64-token chunks (the earlier default) were 5-14% slower. `backward` is accepted for callers that size the
-    two passes apart; both passes take the same shape now."""
+    and 64-token chunks (the earlier default) were 5-14% slower. Both passes take this shape."""
     block_d = 128 if d > 64 else triton.next_power_of_2(max(d, 16))
     n_d = triton.cdiv(d, block_d)
     target = 8 * sm_count(device, cpu_default=8)
@@ -435,11 +434,11 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, initial_state, seq_idx, silu, want_final, launch_fwd, launch_bwd):
+    def forward(ctx, x, weight, bias, initial_state, seq_idx, silu, want_final, launch):
         x = _unit_channel_stride(x)
-        y, final = _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch_fwd)
+        y, final = _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch)
         ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
-        ctx.silu, ctx.launch_bwd = silu, launch_bwd
+        ctx.silu, ctx.launch = silu, launch
         ctx.set_materialize_grads(False)
         return (y, final) if want_final else y
 
@@ -450,8 +449,8 @@ class _CausalConv1dFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dw, db, dinit = _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, ctx.silu,
                                       want_dw=need[1], want_db=bias is not None and need[2],
-                                      want_dinit=need[3], launch=ctx.launch_bwd)
-        return dx, dw, db, dinit, None, None, None, None, None
+                                      want_dinit=need[3], launch=ctx.launch)
+        return dx, dw, db, dinit, None, None, None, None
 
 
 def causal_conv1d_triton(x, weight, bias=None, *, activation: str | None = "silu", seq_idx=None, initial_state=None,
@@ -469,10 +468,8 @@ def causal_conv1d_triton(x, weight, bias=None, *, activation: str | None = "silu
         return causal_conv1d_ref(x, weight, bias, activation=activation, seq_idx=seq_idx, initial_state=initial_state,
                                  return_final_state=return_final_state)
     bias = bias.contiguous() if bias is not None else None        # the kernels index bias by channel directly
-    launch_fwd = launch or default_launch(b, l, d, x.device)
-    launch_bwd = launch or default_launch(b, l, d, x.device, backward=True)
     return _CausalConv1dFn.apply(x, weight, bias, initial_state, seq_idx, activation == "silu",
-                                 return_final_state, launch_fwd, launch_bwd)
+                                 return_final_state, launch or default_launch(b, l, d, x.device))
 
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation: str | None = "silu",

@@ -30,11 +30,13 @@ from .norm import rms_norm
 from .rope import apply_rope_ref
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None)
+
+
 def _inference(*tensors: torch.Tensor) -> bool:
     """The kernels run where no gradient flows and every tensor is on CUDA."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None):
-        return False
-    return kernels_enabled(*tensors)
+    return not _needs_grad(*tensors) and kernels_enabled(*tensors)
 
 
 def residual_mix_ref(x, m, a, s_m: float, s_a: float):
@@ -78,10 +80,6 @@ def residual_mix(x, m, a, s_m: float, s_a: float):
         from .fused_triton import residual_mix_triton
         return residual_mix_triton(x, m, a, s_m, s_a)
     return residual_mix_ref(x, m, a, s_m, s_a)
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None)
 
 
 def residual_mix_norm(x, m, a, s_m: float, s_a: float, weight, eps: float):

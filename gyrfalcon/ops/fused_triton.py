@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import sm_count
+from .norm_triton import _num_warps, _programs_for_dw, _rms_row_grad
 from .pdl import launch_options, pdl_supported, pdl_wait
 
 BLOCK = 1024
@@ -77,10 +77,8 @@ def _residual_mix_norm_bwd_kernel(new_ptr, w_ptr, dnew_ptr, dnorm_ptr, dx_ptr, d
             new_raw = tl.load(new_ptr + base, mask=mask, other=0.0)
             x = new_raw.to(tl.float32)
             dout = tl.load(dnorm_ptr + base, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-            xhat = x * rstd
-            dxhat = dout * w
-            g += rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / D))
+            dx_norm, xhat = _rms_row_grad(x, dout, w, D, eps)
+            g += dx_norm
             if WANT_DW:
                 dw += dout * xhat.to(new_raw.dtype).to(tl.float32)
         tl.store(dx_ptr + base, g.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -204,14 +202,14 @@ class ResidualMixNormFn(torch.autograd.Function):
         dm = torch.empty(new.shape, dtype=ctx.dtypes[1], device=new.device)
         da = torch.empty(new.shape, dtype=ctx.dtypes[2], device=new.device)
         want_dw = ctx.needs_input_grad[5] and dnormed is not None
-        programs = max(1, min(n, 4 * sm_count(new.device, cpu_default=4)))
+        programs = _programs_for_dw(n, new.device)
         dw_part = torch.empty((programs, d), dtype=torch.float32, device=new.device) if want_dw else dx
         block = triton.next_power_of_2(d)
         _residual_mix_norm_bwd_kernel[(programs,)](
             new, weight, dnew.contiguous() if dnew is not None else new,
             dnormed.contiguous() if dnormed is not None else new, dx, dm, da, dw_part, n, d,
             float(ctx.s_m), float(ctx.s_a), float(ctx.eps), HAS_DNEW=dnew is not None, HAS_DNORM=dnormed is not None,
-            WANT_DW=want_dw, BLOCK_D=block, num_warps=max(1, min(16, block // 256)))
+            WANT_DW=want_dw, BLOCK_D=block, num_warps=_num_warps(block))
         dw = None
         if ctx.needs_input_grad[5]:
             dw = dw_part.sum(0).to(weight.dtype) if want_dw else torch.zeros_like(weight)

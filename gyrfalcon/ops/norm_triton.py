@@ -51,6 +51,16 @@ def _rms_fwd_kernel(x_ptr, w_ptr, out_ptr, N, D, stride_x, stride_o, eps, ALIGN:
 
 
 @triton.jit
+def _rms_row_grad(x, dout, w, D, eps):
+    """rms_norm's input gradient for one row (fp32 x, dout, w of BLOCK_D, masked lanes 0) and the normalised row
+    xhat = x * rstd (for the weight gradient): dx = rstd * (dout w - xhat * mean(dout w xhat))."""
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    xhat = x * rstd
+    dxhat = dout * w
+    return rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / D)), xhat
+
+
+@triton.jit
 def _rms_bwd_kernel(x_ptr, w_ptr, dout_ptr, dx_ptr, dw_ptr, N, D, stride_x, stride_do, stride_dx, eps,
                     ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, WANT_DW: tl.constexpr):
     pid = tl.program_id(0)
@@ -64,10 +74,7 @@ def _rms_bwd_kernel(x_ptr, w_ptr, dout_ptr, dx_ptr, dw_ptr, N, D, stride_x, stri
         x_raw = tl.load(x_ptr + _row_offset(row, stride_x, ALIGN) + offs, mask=mask, other=0.0)
         x = x_raw.to(tl.float32)
         dout = tl.load(dout_ptr + _row_offset(row, stride_do, ALIGN) + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        xhat = x * rstd
-        dxhat = dout * w
-        dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / D))
+        dx, xhat = _rms_row_grad(x, dout, w, D, eps)
         tl.store(dx_ptr + _row_offset(row, stride_dx, ALIGN) + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if WANT_DW:
             dw += dout * xhat.to(x_raw.dtype).to(tl.float32)

@@ -31,15 +31,16 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _pdl_on(index: int) -> bool:
+    """Decided once per device: every decode-step launch asks."""
+    return os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def pdl_supported(device: torch.device) -> bool:
     """True on a CUDA device of compute capability 9.0 or later, outside the CPU interpreter."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return _pdl_on(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch_options(pdl: bool) -> dict:
