@@ -27,8 +27,13 @@ def check(got, ref_fn, inputs, dtype):
     check_against_float64(got, ref_fn, inputs, dtype, fp32_tol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3])
+# (dtype, rows): the CUDA-core product at 1-4 rows in fp32 and bf16, the tensor-core tiles above in 16-bit dtypes
+# (5 and 17 rows pad the tile to 16 and 32 rows; 64 fills it; 128 is TILE_MAX_ROWS)
+ROWS = [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1), (torch.bfloat16, 3), (torch.bfloat16, 5),
+        (torch.float16, 17), (torch.bfloat16, 64), (torch.float16, 128)]
+
+
+@pytest.mark.parametrize(("dtype", "m"), ROWS)
 def test_multi_linear_concatenates_four_products(dtype, m):
     gen = torch.Generator().manual_seed(m)
     k = 37
@@ -41,10 +46,10 @@ def test_multi_linear_concatenates_four_products(dtype, m):
           (x, two), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pair_epilogues(dtype):
-    gen = torch.Generator().manual_seed(5)
-    m, n, k1, k2 = 2, 21, 40, 19
+@pytest.mark.parametrize(("dtype", "m"), ROWS)
+def test_pair_epilogues(dtype, m):
+    gen = torch.Generator().manual_seed(5 + m)
+    n, k1, k2 = 21, 40, 19
     wide = rand(m, 50, dtype=dtype, gen=gen)
     x1 = wide[:, 3:3 + k1]                     # rows with a stride other than k1
     x2 = rand(m, k2, dtype=dtype, gen=gen)
@@ -66,8 +71,16 @@ def test_dispatch_keeps_references_for_gradients_and_many_rows(monkeypatch):
     w = rand(6, 8, dtype=torch.float32, gen=gen)
     x = rand(skinny.MAX_ROWS + 1, 8, dtype=torch.float32, gen=gen)
     assert not skinny.skinny_ok(x, w)
+    assert not skinny.skinny_ok(x.bfloat16(), w.bfloat16())  # too many rows in any dtype
     assert not skinny.skinny_ok(x[:1].clone().requires_grad_(), w)
     assert skinny.skinny_ok(x[:1], w)
+    # more rows than the CUDA cores take: the tensor-core tiles in 16-bit dtypes; fp32 keeps the reference (no tf32)
+    rows = skinny.CUDA_CORE_MAX_ROWS + 1
+    assert not skinny.skinny_ok(x[:rows], w)
+    assert skinny.skinny_ok(x[:rows].bfloat16(), w.bfloat16()) and skinny.skinny_ok(x.half()[:-1], w.half())
+    with pytest.raises(ValueError, match="no folded norm"):  # the tile kernels never fold: skinny.py norms first
+        multi_linear_triton(x[:rows].bfloat16(), [w.bfloat16()], torch.empty(rows, 6, dtype=torch.bfloat16),
+                            torch.ones(8, dtype=torch.bfloat16))
     xg = x[:2].clone().requires_grad_()
     out = skinny.linear_residual(torch.zeros(2, 6, device=DEV), xg, w, 1.0)
     assert out.requires_grad  # the reference ran, so the gradient flows
@@ -75,7 +88,7 @@ def test_dispatch_keeps_references_for_gradients_and_many_rows(monkeypatch):
 
 # ------------------------------------------------------------------------------------------- RMSNorm folded in
 EPS = 0.01  # against row 0's mean square of 0.0025 (scale 0.05): eps more than halves that row's 1/rms
-ROW_SCALES = (0.05, 30.0, 1.0, 0.3)
+ROW_SCALES = (0.05, 30.0, 1.0, 0.3, 3.0, 0.1)
 
 
 def normed_rows(m, k, dtype, gen, nw_dtype):
@@ -129,14 +142,16 @@ def test_pair_epilogues_fold_rms_norm_of_x1(dtype, m):
     assert_norm_matters(got, skinny.linear_swiglu_ref, (x1, w1, w_up, 0.6), nw32)
 
 
-@pytest.mark.parametrize("m", [1, 3])  # one row folds the norm (FOLD_MAX_ROWS); three run the norm first
-def test_norm_weight_is_rms_norm_ref_then_the_plain_op(monkeypatch, m):
+# one row folds the norm (FOLD_MAX_ROWS); three run the norm first; six run it before the tensor-core tiles
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.float32), (3, torch.float32), (6, torch.bfloat16)])
+def test_norm_weight_is_rms_norm_ref_then_the_plain_op(monkeypatch, m, dtype):
     gen = torch.Generator().manual_seed(3)
     k, n = 24, 10
-    x, nw = normed_rows(m, k, torch.float32, gen, nw_dtype=torch.float32)
-    w1, w2 = rand(n, k, dtype=torch.float32, gen=gen), rand(n, k, dtype=torch.float32, gen=gen)
-    x2, res = rand(m, k, dtype=torch.float32, gen=gen), rand(m, n, dtype=torch.float32, gen=gen)
-    h = rms_norm_ref(x, nw, EPS)
+    x, nw = normed_rows(m, k, dtype, gen, nw_dtype=torch.float32)
+    w1, w2 = rand(n, k, dtype=dtype, gen=gen), rand(n, k, dtype=dtype, gen=gen)
+    x2, res = rand(m, k, dtype=dtype, gen=gen), rand(m, n, dtype=dtype, gen=gen)
+    h = rms_norm_ref(x, nw, EPS).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the kernel and the reference round the norm differently
     ops = {  # each public op of x and, optionally, (norm_weight, eps)
         "multi_linear": lambda x, *norm: skinny.multi_linear(x, [w1, w2], *norm),
         "dual_linear_residual": lambda x, *norm: skinny.dual_linear_residual(res, x, w1, 0.7, x2, w2, -1.3, *norm),
@@ -147,7 +162,7 @@ def test_norm_weight_is_rms_norm_ref_then_the_plain_op(monkeypatch, m):
         assert torch.equal(op(x, nw, EPS), op(h)), name  # the reference path (as on a CPU)
     monkeypatch.setattr(skinny, "kernels_enabled", lambda *tensors: True)  # as on a GPU: the kernels run
     for name, op in ops.items():
-        assert rel_err(op(x, nw, EPS), op(h)) <= 1e-5, name
+        assert rel_err(op(x, nw, EPS), op(h)) <= tol, name
     # norm weights the kernels do not take: the dispatch keeps the references
     assert skinny.norm_ok(x, nw) and skinny.norm_ok(x, None) and skinny.norm_ok(x, nw.bfloat16())
     assert not skinny.norm_ok(x, nw.double())

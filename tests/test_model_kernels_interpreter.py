@@ -52,27 +52,49 @@ def test_decode_step_logits_kernel_path_equals_reference_path(kernels_on_cpu, ma
     """Three decode steps' logits (few-row products with the norms folded in, the fused Mamba step, fused RoPE + KV
     store, decode attention) against the reference path's, each path with its own cache after the same prefill;
     non-unit µP factors and random norm weights, so a factor or a norm applied in the wrong place shows."""
-    from gyrfalcon.cache import HybridCache
-
     config = tiny_config(num_hidden_layers=2, **mamba_norm)
     model = randomize_(FalconH1ForCausalLM.from_config(config, dtype=torch.float32, device="cpu", seed=6), 6).eval()
-    prompt = torch.randint(3, config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
-    tokens = torch.randint(3, config.vocab_size, (3, 3), generator=torch.Generator().manual_seed(2))
+    prompt, tokens = decode_inputs(config, 3)
+    ref = decode_logits(model, prompt, tokens)
+    kernels_on_cpu()
+    assert rel_err(decode_logits(model, prompt, tokens), ref) <= 1e-5
 
-    def decode_logits():
-        cache = HybridCache.for_model(model, 3, 16)
-        model(prompt, cache=cache, logits_to_keep=1)
-        out = []
-        for t in range(tokens.shape[1]):
-            out.append(model.decode_step(tokens[:, t], cache, prompt.shape[1] + t + 1))
-            cache.advance_host(1)
-        return torch.stack(out, 1)
 
-    with torch.no_grad():
-        ref = decode_logits()
-        kernels_on_cpu()
-        got = decode_logits()
-    assert rel_err(got, ref) <= 1e-5
+def test_decode_step_with_tensor_core_products_bf16(kernels_on_cpu):
+    """Six rows in bf16: the decode step's products run in tensor-core tiles (ops/skinny.py, above
+    CUDA_CORE_MAX_ROWS), the norms before them as kernels of their own; its logits' error against the float64
+    reference path is within 2x the bf16 reference path's own."""
+    config = tiny_config(num_hidden_layers=2)
+    assert 6 > skinny.CUDA_CORE_MAX_ROWS
+    prompt, tokens = decode_inputs(config, 6)
+    model = randomize_(FalconH1ForCausalLM.from_config(config, dtype=torch.float64, device="cpu", seed=7), 7).eval()
+    exact = decode_logits(model, prompt, tokens)
+    model = model.to(torch.bfloat16)
+    eager = rel_err(decode_logits(model, prompt, tokens), exact)
+    kernels_on_cpu()
+    ours = rel_err(decode_logits(model, prompt, tokens), exact)
+    assert ours <= 2 * eager + 1e-3, (ours, eager)
+
+
+def decode_inputs(config, batch: int):
+    """A (batch, 7) prompt and (batch, 3) tokens to feed the decode steps."""
+    prompt = torch.randint(3, config.vocab_size, (batch, 7), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(3, config.vocab_size, (batch, 3), generator=torch.Generator().manual_seed(2))
+    return prompt, tokens
+
+
+@torch.no_grad()
+def decode_logits(model, prompt, tokens):
+    """(batch, steps, vocab) logits of model.decode_step fed tokens after a prefill of prompt, in a fresh cache."""
+    from gyrfalcon.cache import HybridCache
+
+    cache = HybridCache.for_model(model, prompt.shape[0], 16)
+    model(prompt, cache=cache, logits_to_keep=1)
+    out = []
+    for t in range(tokens.shape[1]):
+        out.append(model.decode_step(tokens[:, t], cache, prompt.shape[1] + t + 1))
+        cache.advance_host(1)
+    return torch.stack(out, 1)
 
 
 def test_training_step_kernel_path_equals_reference_path(kernels_on_cpu):

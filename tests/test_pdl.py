@@ -58,13 +58,17 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
-    skinny = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, INTERP=False, PDL=True)
+    skinny = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, TILE=False, INTERP=False, PDL=True)
+    tile = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, TILE=True, HAS_NORM=False, INTERP=False, PDL=True)
     cases = {
         "multi": (skinny_triton._multi_kernel, dict(skinny, HAS_NORM=True)),
         "pair_swiglu": (skinny_triton._pair_kernel, dict(skinny, MODE=1, HAS_SECOND=False, HAS_RES=False,
                                                          HAS_NORM=True)),
         "pair_sum": (skinny_triton._pair_kernel, dict(skinny, MODE=0, HAS_SECOND=True, HAS_RES=True,
                                                       HAS_NORM=False)),
+        "multi_tile": (skinny_triton._multi_tile_kernel, tile),
+        "pair_swiglu_tile": (skinny_triton._pair_tile_kernel, dict(tile, MODE=1, HAS_SECOND=False, HAS_RES=False)),
+        "pair_sum_tile": (skinny_triton._pair_tile_kernel, dict(tile, MODE=0, HAS_SECOND=True, HAS_RES=True)),
         "mamba_step": (mamba_decode_triton._mamba_step_kernel,
                        dict(K=4, BK=4, BP=8, BN=128, HAS_IDX=True, HAS_D=True, HAS_DT_BIAS=True, HAS_CONV_BIAS=True,
                             GATE=True, SOFTPLUS=True, HAS_LIMIT=False, INTERP=False, PDL=True)),
@@ -84,11 +88,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         "gated": (norm_triton._gated_fwd_kernel, dict(ALIGN=8, NORM=True, BEFORE=False, BLOCK_G=1024, PDL=True)),
     }
     cases["multi_off"] = (skinny_triton._multi_kernel, dict(skinny, HAS_NORM=True, PDL=False))
-    # griddepcontrol.wait -> ACQBULK, griddepcontrol.launch_dependents -> PREEXIT
+    # griddepcontrol.wait -> ACQBULK, griddepcontrol.launch_dependents -> PREEXIT; tensor-core products: HGMMA/HMMA
     out = {}
     for name, (kernel, consts) in cases.items():
         sass = sass_of(kernel, consts)
-        out[name] = {"wait": "ACQBULK" in sass, "signal": "PREEXIT" in sass}
+        out[name] = {"wait": "ACQBULK" in sass, "signal": "PREEXIT" in sass, "mma": "HGMMA" in sass or "HMMA" in sass}
     print(json.dumps(out))
 """)
 
@@ -96,7 +100,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 def test_decode_kernels_compile_with_pdl_for_h100():
     result = json.loads(compile_script_last_line(_COMPILE_SCRIPT))
     off = result.pop("multi_off")
-    assert not any(off.values()), off
-    assert len(result) == 14
+    assert not off["wait"] and not off["signal"], off
+    assert len(result) == 17
     for name, found in result.items():
         assert found["wait"] and found["signal"], (name, found)
+    for name in ("multi_tile", "pair_swiglu_tile", "pair_sum_tile"):
+        assert result[name]["mma"], name  # the tile kernels do multiply on the tensor cores
+    assert not result["multi"]["mma"]

@@ -15,7 +15,9 @@ n(x) = rms_norm_ref(x, norm_weight, eps) (ops/norm.py) with norm_weight (K,), or
 the RMSNorm before the product folded into it (the kernels read each whole x row anyway), saving the norm's own
 launch; folded at one row only (FOLD_MAX_ROWS: measured), more rows run the norm kernel before the product.
 Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels
-(skinny_triton.py) run for M <= MAX_ROWS on CUDA, accumulate in fp32 and round once (the normed x is not rounded
+(skinny_triton.py) run for M <= MAX_ROWS on CUDA (above CUDA_CORE_MAX_ROWS on the tensor cores, for 16-bit operands
+only: fp32 products of more rows keep the reference, which never rounds them to tf32), accumulate in fp32 and round
+once (the normed x is not rounded
 at all); the references round the normed x and each product to the model dtype first, as the layer's unfused path
 does. The kernels take a norm weight of any kernel dtype (read in fp32), contiguous, on x's device (norm_ok);
 another runs the reference.
@@ -29,7 +31,9 @@ import torch.nn.functional as F
 from .dispatch import KERNEL_DTYPES, kernels_enabled
 from .norm import rms_norm, rms_norm_ref
 
-MAX_ROWS = 4  # above this many rows cuBLAS's tensor-core kernels are the better choice
+CUDA_CORE_MAX_ROWS = 4  # rows up to which the kernels multiply on the CUDA cores; more go to the tensor cores
+# above MAX_ROWS rows the product is no longer bound by reading the weights and cuBLAS is the better choice
+MAX_ROWS = 128
 # Measured on the H100 (bench/skinny_kernels.py, 2026-11-23): folding the norm pays at one row (0.5B shape 1.1-1.3x,
 # 7B 1.0-1.1x against the norm kernel + the product) but costs at four rows at the 7B shape (0.8-0.92x: the per-row
 # sums and scaled x tiles crowd the registers of four-row tiles), so more rows run the norm kernel first.
@@ -74,11 +78,13 @@ def linear_swiglu_ref(x, w_gate, w_up, gate_multiplier: float, norm_weight=None,
 
 
 def skinny_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """True where the kernels take these operands: CUDA (or the interpreter), no gradient, at most MAX_ROWS rows,
-    one kernel dtype, contiguous weights and rows."""
+    """True where the kernels take these operands: CUDA (or the interpreter), no gradient, at most MAX_ROWS rows
+    (more than CUDA_CORE_MAX_ROWS in a 16-bit dtype only), one kernel dtype, contiguous weights and rows."""
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
-    return (kernels_enabled(x, *weights) and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(-1) == 1
+    rows_ok = x.dim() == 2 and (x.shape[0] <= CUDA_CORE_MAX_ROWS
+                                or (x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)))
+    return (kernels_enabled(x, *weights) and rows_ok and x.stride(-1) == 1
             and x.dtype in KERNEL_DTYPES and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
 
 

@@ -1,10 +1,14 @@
-"""Triton kernels of ops/skinny.py: products of a few rows (a decode step's batch, M <= 4) with weight matrices, read
-at memory speed, with the decoder layer's glue (µP factors, SwiGLU, residual adds) in their epilogues.
+"""Triton kernels of ops/skinny.py: products of a few rows (a decode step's batch, M <= TILE_MAX_ROWS) with weight
+matrices, read at memory speed, with the decoder layer's glue (µP factors, SwiGLU, residual adds) in their epilogues.
 
 A decode step at batch 1 reads every weight once and computes next to nothing, so each product is a pass over its
 weight: cuBLAS runs one kernel per projection (nine per layer) at 60-70% of the bandwidth, and the small ones are
-launch-bound. Here each program owns BLOCK_N weight rows and walks their full K in BLOCK_K tiles, multiplying in
-fp32 on the CUDA cores (no tensor-core tile to pad M to), many small programs per SM keeping enough loads in flight.
+launch-bound. Here each program owns BLOCK_N weight rows and walks their full K in BLOCK_K tiles. Up to
+CUDA_CORE_MAX_ROWS rows it multiplies in fp32 on the CUDA cores (no tensor-core tile to pad M to), many small
+programs per SM keeping enough loads in flight. Above, at a server's batch of 5-128 rows, the same programs multiply
+(BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) tiles on the tensor cores (TILE; M padded to at least 16 rows): the
+product is still bound by reading each weight once (2 M flops per weight element, far below the H100's ridge), so the
+win over cuBLAS is the same as at one row: one launch for in_proj/q/k/v and for gate/up, the glue in the epilogue.
 
     _multi_kernel: out (M, n0+n1+n2+n3) = x @ [w0; w1; w2; w3].T, four weights of equal K in one launch (a
         segment's rows never share a program with another's); unused segments have n = 0.
@@ -32,19 +36,27 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_options, pdl_supported, pdl_wait
+from .skinny import CUDA_CORE_MAX_ROWS, MAX_ROWS
 from .ssd_triton import _INTERPRET, _bound
 
 MODE_SUM = 0
 MODE_SWIGLU = 1
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages); autotuned per (M, N, K) on the first call of each shape.
+# Rows up to CUDA_CORE_MAX_ROWS run on the CUDA cores; above, up to TILE_MAX_ROWS, each program multiplies its rows on
+# the tensor cores (tl.dot; skinny.py sends 16-bit operands only, so fp32 is never rounded to tf32).
+TILE_MAX_ROWS = MAX_ROWS
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages), autotuned per shape on the first call of each shape: CONFIGS for the
+# CUDA-core product, TILE_CONFIGS for the tensor-core one (each kernel below is tuned as two, one per family).
 CONFIGS = [(4, 512, 4, 3), (8, 256, 4, 4), (2, 1024, 4, 3), (8, 512, 8, 3), (4, 1024, 4, 3)]
+TILE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)]
 
 
-def _configs():
+def _configs(tile: bool = False):
     if _INTERPRET:  # the CPU interpreter: one small config (odd K and N still cross tile edges)
-        return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 16})]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in CONFIGS]
+        return [triton.Config({"BLOCK_N": 16 if tile else 4, "BLOCK_K": 16})]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for n, k, w, s in (TILE_CONFIGS if tile else CONFIGS)]
 
 
 @triton.jit
@@ -75,12 +87,44 @@ def _rows_dot(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM: tl
     return out
 
 
-# HAS_NORM in the keys: the folded variant does a little more per K tile, so it is tuned on its own.
-@triton.autotune(configs=_configs(), key=["M", "n0", "n1", "K", "HAS_NORM"])
 @triton.jit
-def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, n3, nw_ptr, eps,
-                  HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  INTERP: tl.constexpr, PDL: tl.constexpr):
+def _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32: x[m, :K] . w[rows[n], :K] on the tensor cores (BLOCK_M >= 16 rows, the padding
+    rows loaded as 0), zero for m >= M or rows >= N."""
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    row_mask = rows < N
+    m_mask = m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
+    for k0 in range(0, _bound(K, INTERP), BLOCK_K):
+        k = k0 + kk
+        k_mask = k < K
+        w = tl.load(w_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if INTERP:  # the numpy interpreter cannot multiply bf16 tiles; the values are exact in fp32
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _product(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM: tl.constexpr, TILE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """_rows_dot_tile where TILE (its launches never fold a norm), else _rows_dot."""
+    if TILE:
+        return _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    else:
+        return _rows_dot(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K,
+                         INTERP)
+
+
+@triton.jit
+def _multi(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, n3, nw_ptr, eps, HAS_NORM: tl.constexpr,
+           TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+           INTERP: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     b1 = tl.cdiv(n0, BLOCK_N)
     b2 = b1 + tl.cdiv(n1, BLOCK_N)
@@ -96,37 +140,57 @@ def _multi_kernel(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, 
         w, n, col, blk = w3, n3, n0 + n1 + n2, pid - b3
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     pdl_wait(PDL)
-    acc = _rows_dot(x_ptr, sx_m, w, K, M, n, K, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    acc = _product(x_ptr, sx_m, w, K, M, n, K, rows, nw_ptr, eps, HAS_NORM, TILE, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
     m = tl.arange(0, BLOCK_M)
     mask = (m < M)[:, None] & (rows < n)[None, :]
     tl.store(out_ptr + m[:, None] * so_m + col + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2", "HAS_NORM"])
+# HAS_NORM in the keys: the folded variant does a little more per K tile, so it is tuned on its own.
+_multi_kernel = triton.autotune(configs=_configs(), key=["M", "n0", "n1", "K", "HAS_NORM"])(_multi)
+_multi_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["M", "n0", "n1", "K"])(_multi)
+
+
 @triton.jit
-def _pair_kernel(x1_ptr, sx1, w1_ptr, K1, x2_ptr, sx2, w2_ptr, K2, res_ptr, sr_m, out_ptr, so_m, M, N, s1, s2,
-                 nw_ptr, eps, MODE: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_RES: tl.constexpr,
-                 HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INTERP: tl.constexpr, PDL: tl.constexpr):
+def _pair(x1_ptr, sx1, w1_ptr, K1, x2_ptr, sx2, w2_ptr, K2, res_ptr, sr_m, out_ptr, so_m, M, N, s1, s2, nw_ptr, eps,
+          MODE: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
+          TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          INTERP: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     pdl_wait(PDL)
     m = tl.arange(0, BLOCK_M)
     mask = (m < M)[:, None] & (rows < N)[None, :]
     # the norm (if any) is x1's: in SWIGLU mode both products read the normed x1, in SUM mode x2 is never normed
-    a = _rows_dot(x1_ptr, sx1, w1_ptr, K1, M, N, K1, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    a = _product(x1_ptr, sx1, w1_ptr, K1, M, N, K1, rows, nw_ptr, eps, HAS_NORM, TILE, BLOCK_M, BLOCK_N, BLOCK_K,
+                 INTERP)
     if MODE == 1:  # SWIGLU: b * silu(s1 a), b from the same input rows
-        b = _rows_dot(x1_ptr, sx1, w2_ptr, K1, M, N, K1, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K,
-                      INTERP)
+        b = _product(x1_ptr, sx1, w2_ptr, K1, M, N, K1, rows, nw_ptr, eps, HAS_NORM, TILE, BLOCK_M, BLOCK_N,
+                     BLOCK_K, INTERP)
         g = a * s1
         out = b * g / (1.0 + tl.exp(-g))
     else:
         out = a * s1
         if HAS_SECOND:
-            out += _rows_dot(x2_ptr, sx2, w2_ptr, K2, M, N, K2, rows, nw_ptr, eps, False, BLOCK_M, BLOCK_N, BLOCK_K,
-                             INTERP) * s2
+            out += _product(x2_ptr, sx2, w2_ptr, K2, M, N, K2, rows, nw_ptr, eps, False, TILE, BLOCK_M, BLOCK_N,
+                            BLOCK_K, INTERP) * s2
         if HAS_RES:
             out += tl.load(res_ptr + m[:, None] * sr_m + rows[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + m[:, None] * so_m + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_pair_kernel = triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2", "HAS_NORM"])(_pair)
+_pair_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["M", "N", "K1", "K2"])(_pair)
+
+
+def _row_tiling(m: int, has_norm: bool) -> tuple[bool, int]:
+    """(TILE, BLOCK_M) for m rows: the CUDA-core product up to CUDA_CORE_MAX_ROWS, else tensor-core tiles of at
+    least 16 rows (tl.dot's least M), which take no folded norm (skinny.py runs the norm kernel first there)."""
+    if m <= CUDA_CORE_MAX_ROWS:
+        return False, triton.next_power_of_2(m)
+    if m > TILE_MAX_ROWS or has_norm:
+        raise ValueError(f"the tensor-core product takes {CUDA_CORE_MAX_ROWS + 1}-{TILE_MAX_ROWS} rows and no "
+                         f"folded norm, got {m} rows{' with a norm' if has_norm else ''}")
+    return True, max(16, triton.next_power_of_2(m))
 
 
 def multi_linear_triton(x, weights, out, norm_weight=None, eps: float = 0.0, *, pdl: bool | None = None):
@@ -141,9 +205,10 @@ def multi_linear_triton(x, weights, out, norm_weight=None, eps: float = 0.0, *, 
         return (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)
 
     has_norm = norm_weight is not None
-    _multi_kernel[grid](x, x.stride(0), out, out.stride(0), m, k, *ws, *ns, norm_weight if has_norm else x,
-                        float(eps), HAS_NORM=has_norm, BLOCK_M=triton.next_power_of_2(m), INTERP=_INTERPRET,
-                        PDL=pdl, **launch_options(pdl))
+    tile, block_m = _row_tiling(m, has_norm)
+    kernel = _multi_tile_kernel if tile else _multi_kernel
+    kernel[grid](x, x.stride(0), out, out.stride(0), m, k, *ws, *ns, norm_weight if has_norm else x, float(eps),
+                 HAS_NORM=has_norm, TILE=tile, BLOCK_M=block_m, INTERP=_INTERPRET, PDL=pdl, **launch_options(pdl))
     return out
 
 
@@ -161,10 +226,12 @@ def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _pair_kernel[grid](x1, x1.stride(0), w1, k1, x2 if second else x1, x2.stride(0) if second else 0,
-                       w2 if w2 is not None else w1, k2, res if res is not None else out,
-                       res.stride(0) if res is not None else 0, out, out.stride(0), m, n, float(s1), float(s2),
-                       norm_weight if norm_weight is not None else x1, float(eps), MODE=mode, HAS_SECOND=second,
-                       HAS_RES=res is not None, HAS_NORM=norm_weight is not None, BLOCK_M=triton.next_power_of_2(m),
-                       INTERP=_INTERPRET, PDL=pdl, **launch_options(pdl))
+    tile, block_m = _row_tiling(m, norm_weight is not None)
+    kernel = _pair_tile_kernel if tile else _pair_kernel
+    kernel[grid](x1, x1.stride(0), w1, k1, x2 if second else x1, x2.stride(0) if second else 0,
+                 w2 if w2 is not None else w1, k2, res if res is not None else out,
+                 res.stride(0) if res is not None else 0, out, out.stride(0), m, n, float(s1), float(s2),
+                 norm_weight if norm_weight is not None else x1, float(eps), MODE=mode, HAS_SECOND=second,
+                 HAS_RES=res is not None, HAS_NORM=norm_weight is not None, TILE=tile, BLOCK_M=block_m,
+                 INTERP=_INTERPRET, PDL=pdl, **launch_options(pdl))
     return out
