@@ -13,7 +13,8 @@ with its pure-PyTorch reference. Inference only (no gradient).
 
 n(x) = rms_norm_ref(x, norm_weight, eps) (ops/norm.py) with norm_weight (K,), or x itself where norm_weight is None:
 the RMSNorm before the product folded into it (the kernels read each whole x row anyway), saving the norm's own
-launch; folded at one row only (FOLD_MAX_ROWS: measured), more rows run the norm kernel before the product.
+launch; folded at one row (FOLD_MAX_ROWS) and in the tensor-core tiles (above CUDA_CORE_MAX_ROWS), both measured;
+2-4 rows run the norm kernel before the product.
 Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels
 (skinny_triton.py) run for M <= MAX_ROWS on CUDA (above CUDA_CORE_MAX_ROWS on the tensor cores, for 16-bit operands
 only: fp32 products of more rows keep the reference, which never rounds them to tf32), accumulate in fp32 and round
@@ -43,7 +44,7 @@ FOLD_MAX_ROWS = 1
 def _fold_or_norm(x, norm_weight, eps: float):
     """(x, norm_weight) for the kernel: unchanged where the fold pays, else x normed by the norm kernel and no
     weight left to fold."""
-    if norm_weight is None or x.shape[0] <= FOLD_MAX_ROWS:
+    if norm_weight is None or x.shape[0] <= FOLD_MAX_ROWS or x.shape[0] > CUDA_CORE_MAX_ROWS:
         return x, norm_weight
     return rms_norm(x, norm_weight, eps).to(x.dtype), None
 
