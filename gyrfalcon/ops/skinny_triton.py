@@ -100,7 +100,7 @@ def _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NOR
     row_mask = rows < N
     m_mask = m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    ssq = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)  # reduced once after the loop
+    ssq = tl.zeros((BLOCK_M,), tl.float32)  # reduced per tile: a (BLOCK_M, BLOCK_K) sum would spill registers
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
     for k0 in range(0, _bound(K, INTERP), BLOCK_K):
         k = k0 + kk
@@ -109,14 +109,14 @@ def _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NOR
         x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_NORM:
             xf = x.to(tl.float32)
-            ssq += xf * xf
+            ssq += tl.sum(xf * xf, axis=1)
             x = (xf * tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
         if INTERP:  # the numpy interpreter cannot multiply bf16 tiles; the values are exact in fp32
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     if HAS_NORM:
-        acc = acc * tl.rsqrt(tl.sum(ssq, axis=1) / K + eps)[:, None]
+        acc = acc * tl.rsqrt(ssq / K + eps)[:, None]
     return acc
 
 
