@@ -59,18 +59,16 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
     skinny = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, TILE=False, INTERP=False, PDL=True)
-    tile = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, TILE=True, INTERP=False, PDL=True)
+    tile = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, TILE=True, HAS_NORM=False, INTERP=False, PDL=True)
     cases = {
         "multi": (skinny_triton._multi_kernel, dict(skinny, HAS_NORM=True)),
         "pair_swiglu": (skinny_triton._pair_kernel, dict(skinny, MODE=1, HAS_SECOND=False, HAS_RES=False,
                                                          HAS_NORM=True)),
         "pair_sum": (skinny_triton._pair_kernel, dict(skinny, MODE=0, HAS_SECOND=True, HAS_RES=True,
                                                       HAS_NORM=False)),
-        "multi_tile": (skinny_triton._multi_tile_kernel, dict(tile, HAS_NORM=True)),
-        "pair_swiglu_tile": (skinny_triton._pair_tile_kernel, dict(tile, MODE=1, HAS_SECOND=False, HAS_RES=False,
-                                                                   HAS_NORM=True)),
-        "pair_sum_tile": (skinny_triton._pair_tile_kernel, dict(tile, MODE=0, HAS_SECOND=True, HAS_RES=True,
-                                                                HAS_NORM=False)),
+        "multi_tile": (skinny_triton._multi_tile_kernel, tile),
+        "pair_swiglu_tile": (skinny_triton._pair_tile_kernel, dict(tile, MODE=1, HAS_SECOND=False, HAS_RES=False)),
+        "pair_sum_tile": (skinny_triton._pair_tile_kernel, dict(tile, MODE=0, HAS_SECOND=True, HAS_RES=True)),
         "mamba_step": (mamba_decode_triton._mamba_step_kernel,
                        dict(K=4, BK=4, BP=8, BN=128, HAS_IDX=True, HAS_D=True, HAS_DT_BIAS=True, HAS_CONV_BIAS=True,
                             GATE=True, SOFTPLUS=True, HAS_LIMIT=False, INTERP=False, PDL=True)),

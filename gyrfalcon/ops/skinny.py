@@ -13,8 +13,7 @@ with its pure-PyTorch reference. Inference only (no gradient).
 
 n(x) = rms_norm_ref(x, norm_weight, eps) (ops/norm.py) with norm_weight (K,), or x itself where norm_weight is None:
 the RMSNorm before the product folded into it (the kernels read each whole x row anyway), saving the norm's own
-launch; folded at one row (FOLD_MAX_ROWS) and in the tensor-core tiles (above CUDA_CORE_MAX_ROWS), both measured;
-2-4 rows run the norm kernel before the product.
+launch; folded at one row only (FOLD_MAX_ROWS: measured), more rows run the norm kernel before the product.
 Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels
 (skinny_triton.py) run for M <= MAX_ROWS on CUDA (above CUDA_CORE_MAX_ROWS on the tensor cores, for 16-bit operands
 only: fp32 products of more rows keep the reference, which never rounds them to tf32), accumulate in fp32 and round
@@ -37,14 +36,16 @@ CUDA_CORE_MAX_ROWS = 4  # rows up to which the kernels multiply on the CUDA core
 MAX_ROWS = 128
 # Measured on the H100 (bench/skinny_kernels.py, 2026-11-23): folding the norm pays at one row (0.5B shape 1.1-1.3x,
 # 7B 1.0-1.1x against the norm kernel + the product) but costs at four rows at the 7B shape (0.8-0.92x: the per-row
-# sums and scaled x tiles crowd the registers of four-row tiles), so more rows run the norm kernel first.
+# sums and scaled x tiles crowd the registers of four-row tiles), so more rows run the norm kernel first. Folding
+# into the tensor-core tiles (5-128 rows) was measured too (2026-11-24, bench/skinny_kernels.py): 0.4-0.7x at 16 and
+# 64 rows, since every program scales all of x (M x K, more than its own weight tile) on the CUDA cores.
 FOLD_MAX_ROWS = 1
 
 
 def _fold_or_norm(x, norm_weight, eps: float):
     """(x, norm_weight) for the kernel: unchanged where the fold pays, else x normed by the norm kernel and no
     weight left to fold."""
-    if norm_weight is None or x.shape[0] <= FOLD_MAX_ROWS or x.shape[0] > CUDA_CORE_MAX_ROWS:
+    if norm_weight is None or x.shape[0] <= FOLD_MAX_ROWS:
         return x, norm_weight
     return rms_norm(x, norm_weight, eps).to(x.dtype), None
 

@@ -26,9 +26,8 @@ _multi_kernel, on x1 of _pair_kernel: both SwiGLU products, never x2). Since eve
 rows it reads all of each x row anyway, so the norm costs no pass of its own: the K loop multiplies x by nw (fp32)
 and also sums x^2 per row, and the (BLOCK_M, BLOCK_N) result is scaled by rsqrt(ssq / K + eps) per row, which is
 exact because that factor is constant along k. This drops the separate norm kernel (and its round trip of the normed
-rows through memory) before the decoder layer's in_proj/q/k/v and gate/up products. On the CUDA cores the normed x
-is never rounded to the model dtype; the tensor-core tiles take x * nw rounded to it (the unfused path rounds the
-whole normed row instead), still scaled by the row's 1/rms in fp32 after the product.
+rows through memory) before the decoder layer's in_proj/q/k/v and gate/up products. Unlike the unfused path the
+normed x is never rounded to the model dtype.
 """
 
 from __future__ import annotations
@@ -89,44 +88,34 @@ def _rows_dot(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM: tl
 
 
 @triton.jit
-def _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+def _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
     """(BLOCK_M, BLOCK_N) fp32: x[m, :K] . w[rows[n], :K] on the tensor cores (BLOCK_M >= 16 rows, the padding
-    rows loaded as 0), zero for m >= M or rows >= N. With HAS_NORM, rms_norm(x[m, :K], nw, eps) in place of x: each
-    x tile times nw is rounded to x's dtype for the tensor cores (where the unfused path rounds the normed row) and
-    the per-row 1/rms scales the finished products, as in _rows_dot."""
+    rows loaded as 0), zero for m >= M or rows >= N."""
     m = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
     row_mask = rows < N
     m_mask = m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    ssq = tl.zeros((BLOCK_M,), tl.float32)  # reduced per tile: a (BLOCK_M, BLOCK_K) sum would spill registers
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
     for k0 in range(0, _bound(K, INTERP), BLOCK_K):
         k = k0 + kk
         k_mask = k < K
         w = tl.load(w_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_NORM:
-            xf = x.to(tl.float32)
-            ssq += tl.sum(xf * xf, axis=1)
-            x = (xf * tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
         if INTERP:  # the numpy interpreter cannot multiply bf16 tiles; the values are exact in fp32
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_NORM:
-        acc = acc * tl.rsqrt(ssq / K + eps)[:, None]
     return acc
 
 
 @triton.jit
 def _product(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM: tl.constexpr, TILE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    """_rows_dot_tile where TILE, else _rows_dot."""
+    """_rows_dot_tile where TILE (its launches never fold a norm), else _rows_dot."""
     if TILE:
-        return _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N,
-                              BLOCK_K, INTERP)
+        return _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
     else:
         return _rows_dot(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, nw_ptr, eps, HAS_NORM, BLOCK_M, BLOCK_N, BLOCK_K,
                          INTERP)
@@ -159,7 +148,7 @@ def _multi(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, n3, nw_
 
 # HAS_NORM in the keys: the folded variant does a little more per K tile, so it is tuned on its own.
 _multi_kernel = triton.autotune(configs=_configs(), key=["M", "n0", "n1", "K", "HAS_NORM"])(_multi)
-_multi_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["M", "n0", "n1", "K", "HAS_NORM"])(_multi)
+_multi_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["M", "n0", "n1", "K"])(_multi)
 
 
 @triton.jit
@@ -190,16 +179,17 @@ def _pair(x1_ptr, sx1, w1_ptr, K1, x2_ptr, sx2, w2_ptr, K2, res_ptr, sr_m, out_p
 
 
 _pair_kernel = triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2", "HAS_NORM"])(_pair)
-_pair_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["M", "N", "K1", "K2", "HAS_NORM"])(_pair)
+_pair_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["M", "N", "K1", "K2"])(_pair)
 
 
-def _row_tiling(m: int) -> tuple[bool, int]:
+def _row_tiling(m: int, has_norm: bool) -> tuple[bool, int]:
     """(TILE, BLOCK_M) for m rows: the CUDA-core product up to CUDA_CORE_MAX_ROWS, else tensor-core tiles of at
-    least 16 rows (tl.dot's least M)."""
+    least 16 rows (tl.dot's least M), which take no folded norm (skinny.py runs the norm kernel first there)."""
     if m <= CUDA_CORE_MAX_ROWS:
         return False, triton.next_power_of_2(m)
-    if m > TILE_MAX_ROWS:
-        raise ValueError(f"the few-row products take at most {TILE_MAX_ROWS} rows, got {m}")
+    if m > TILE_MAX_ROWS or has_norm:
+        raise ValueError(f"the tensor-core product takes {CUDA_CORE_MAX_ROWS + 1}-{TILE_MAX_ROWS} rows and no "
+                         f"folded norm, got {m} rows{' with a norm' if has_norm else ''}")
     return True, max(16, triton.next_power_of_2(m))
 
 
@@ -215,7 +205,7 @@ def multi_linear_triton(x, weights, out, norm_weight=None, eps: float = 0.0, *, 
         return (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)
 
     has_norm = norm_weight is not None
-    tile, block_m = _row_tiling(m)
+    tile, block_m = _row_tiling(m, has_norm)
     kernel = _multi_tile_kernel if tile else _multi_kernel
     kernel[grid](x, x.stride(0), out, out.stride(0), m, k, *ws, *ns, norm_weight if has_norm else x, float(eps),
                  HAS_NORM=has_norm, TILE=tile, BLOCK_M=block_m, INTERP=_INTERPRET, PDL=pdl, **launch_options(pdl))
@@ -236,7 +226,7 @@ def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    tile, block_m = _row_tiling(m)
+    tile, block_m = _row_tiling(m, norm_weight is not None)
     kernel = _pair_tile_kernel if tile else _pair_kernel
     kernel[grid](x1, x1.stride(0), w1, k1, x2 if second else x1, x2.stride(0) if second else 0,
                  w2 if w2 is not None else w1, k2, res if res is not None else out,
