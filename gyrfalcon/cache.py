@@ -234,7 +234,7 @@ class LayerCache:
         if step.attn_mask is not None:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, scale=scale,
                                                   enable_gqa=q.shape[1] != keys.shape[1])
-        return _causal_attention(q, keys, values, scale)
+        return ops.cached_prefill_attention(q, keys, values, scale)
 
     def decode_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       *, key_factor: float, scale: float, q_factor: float = 1.0, v_factor: float = 1.0) -> torch.Tensor:
@@ -246,18 +246,3 @@ class LayerCache:
         q = ops.rope_store_decode(q, k, v, cos, sin, key_factor, self.k, self.v, lengths, q_factor=q_factor,
                                   v_factor=v_factor)
         return ops.decode_attention(q, self.k, self.v, lengths, step.kv_len, scale)[:, :, None]
-
-
-def _causal_attention(q, keys, values, scale):
-    """All rows hold the same columns; the l queries are the last l of the kv_len keys (bottom-right causal)."""
-    lq, lk = q.shape[2], keys.shape[2]
-    gqa = q.shape[1] != keys.shape[1]
-    if lq == lk:
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
-    from torch.nn.attention.bias import causal_lower_right
-
-    # Key heads shared by query groups go in as they are (no copy per query head): on the H100 the bottom-right
-    # causal flash kernel takes them directly, 1.07x faster than on repeated heads for an 8K piece over 32K-128K
-    # keys and 3.4x for 64 queries over 64K (a chat turn after a long history).
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(lq, lk), scale=scale,
-                                          enable_gqa=gqa)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from gyrfalcon.ops import (attention, causal_conv1d_ref, gated_rms_norm_ref, rope_inv_freq, ssd_scan_ref,
-                           ssd_sequential_ref)
+from gyrfalcon.ops import (attention, cached_prefill_attention, causal_conv1d_ref, gated_rms_norm_ref,
+                           rope_inv_freq, ssd_scan_ref, ssd_sequential_ref)
 from helpers import tiny_config
 
 F64 = torch.float64
@@ -153,6 +153,43 @@ def test_attention_with_padding_and_cache_offset():
     allowed = (kpos <= qpos)[None, None] & valid[:, None, None]
     expected = scores.masked_fill(~allowed, -math.inf).softmax(-1) @ vv
     assert close(out, expected)
+
+
+def test_cached_prefill_attention_is_bottom_right_causal():
+    """A piece of 5 queries over 9 cached keys (GQA): the same as the masked attention and the explicit softmax."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 5, 8, generator=gen, dtype=F64)
+    k, v = torch.randn(2, 2, 9, 8, generator=gen, dtype=F64), torch.randn(2, 2, 9, 8, generator=gen, dtype=F64)
+    out = cached_prefill_attention(q, k, v, 0.3)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = q @ kk.transpose(-1, -2) * 0.3
+    allowed = torch.arange(9)[None] <= torch.arange(4, 9)[:, None]
+    assert close(out, scores.masked_fill(~allowed, -math.inf).softmax(-1) @ vv)
+    assert close(cached_prefill_attention(q, kk[:, :, 4:], vv[:, :, 4:], 0.3),
+                 attention(q, kk[:, :, 4:], vv[:, :, 4:], scale=0.3))  # a piece with nothing cached: plain causal
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("lq", "lk"), [(2048, 2048 + 3000), (4096, 4096 + 64)])
+def test_cached_prefill_attention_split_on_cuda(lq, lk):
+    """Long bf16 pieces on CUDA take cuDNN's attention in two parts merged by log-sum-exp: within 2x the error of
+    the one bottom-right causal call against float32 (and a cache of 64 keys before the piece)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from gyrfalcon.ops import attention as attention_module
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 12, lq, 128, generator=gen).cuda()
+    k, v = torch.randn(1, 2, lk, 128, generator=gen).cuda(), torch.randn(1, 2, lk, 128, generator=gen).cuda()
+    exact = attention(q, k, v, scale=0.088)  # fp32, the masked path
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    assert attention_module._cudnn_split_ok(q16, k16, v16)
+    ours = cached_prefill_attention(q16, k16, v16, 0.088)
+    one_call = F.scaled_dot_product_attention(q16, k16, v16, attn_mask=causal_lower_right(lq, lk), scale=0.088,
+                                              enable_gqa=True)
+    err = (ours.float() - exact).norm() / exact.norm()
+    assert err <= 2 * (one_call.float() - exact).norm() / exact.norm() + 1e-4, err
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0},

@@ -3,7 +3,7 @@
 `model.py` calls only the names exported here; `dispatch.py` picks the implementation per call.
 """
 
-from .attention import attention, decode_attention, decode_attention_ref
+from .attention import attention, cached_prefill_attention, decode_attention, decode_attention_ref
 from .conv import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from .dispatch import kernels_enabled, use_reference
 from .fused import residual_add, residual_mix, residual_mix_norm, rope_store_decode, swiglu
@@ -15,7 +15,7 @@ from .skinny import dual_linear_residual, linear_residual, linear_scaled, linear
 from .ssd import ssd_scan, ssd_scan_ref, ssd_sequential_ref, ssd_step, ssd_step_ref
 
 __all__ = [
-    "attention", "decode_attention", "decode_attention_ref",
+    "attention", "cached_prefill_attention", "decode_attention", "decode_attention_ref",
     "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
     "kernels_enabled", "use_reference", "causal_lm_loss", "causal_lm_loss_ref",
     "linear_cross_entropy", "shift_labels", "gated_rms_norm",

@@ -4,7 +4,7 @@ kernels on CUDA, math on CPU), with optional left padding.
 Shapes: q (b, hq, lq, d); k, v (b, hk, lk, d) with hq % hk == 0 and lk >= lq (the last lq keys are the queries'
 own positions, earlier ones come from a cache); key_padding_mask (b, lk) bool, True = a real token;
 doc_ids (b, lk) integer: documents packed in one row, a query attends only to keys of its own document.
-Returns (b, hq, lq, d).
+Returns (b, hq, lq, d). cached_prefill_attention: a prompt piece over the keys a cache holds before it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,54 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         mask = mask | (kpos[None, :] == qpos[:, None])[None, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p,
                                           enable_gqa=gqa)
+
+
+def cached_prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prompt piece's attention over the cache: q (b, hq, lq, d) are the last lq of the lk >= lq positions of keys,
+    values (b, hk, lk, d) (bottom-right causal; every row holds the same columns). Returns (b, hq, lq, d).
+
+    Long pieces with no gradient, on CUDA in 16-bit, go to cuDNN's attention in two parts merged by their
+    log-sum-exp (_split_cudnn_attention): on the H100 that is 1.8-1.95x faster than the one bottom-right causal call,
+    which runs FlashAttention-2 (2K queries over 64K keys, 8K over 32K and 128K; cuDNN takes only top-left causal
+    masks through the public call). Elsewhere the public call."""
+    lq, lk = q.shape[2], keys.shape[2]
+    gqa = q.shape[1] != keys.shape[1]
+    if lq == lk:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    if _cudnn_split_ok(q, keys, values):
+        return _split_cudnn_attention(q, keys, values, scale)
+    from torch.nn.attention.bias import causal_lower_right
+
+    # Key heads shared by query groups go in as they are (no copy per query head): on the H100 the bottom-right
+    # causal flash kernel takes them directly, 1.07x faster than on repeated heads for an 8K piece over 32K-128K
+    # keys and 3.4x for 64 queries over 64K (a chat turn after a long history).
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(lq, lk), scale=scale,
+                                          enable_gqa=gqa)
+
+
+SPLIT_MIN_QUERIES = 2048  # the shortest piece measured faster split (2K queries: 1.95x); shorter ones keep one call
+
+
+def _cudnn_split_ok(q, keys, values) -> bool:
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] >= SPLIT_MIN_QUERIES
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and torch.backends.cuda.cudnn_sdp_enabled()
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values))))
+
+
+def _split_cudnn_attention(q, keys, values, scale: float) -> torch.Tensor:
+    """Bottom-right causal attention as (a) every query over the cached keys before its piece, no mask, and (b) the
+    piece over its own keys, top-left causal (a square), each with its log-sum-exp l; then
+    out = o_a exp(l_a - l) + o_b exp(l_b - l) with l = logaddexp(l_a, l_b), in fp32, rounded once."""
+    b, hq, lq, _ = q.shape
+    past = keys.shape[2] - lq
+    attend = torch.ops.aten._scaled_dot_product_cudnn_attention
+    # (query, key, value, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask): (out, lse, ...)
+    o_a, l_a = attend(q, keys[:, :, :past], values[:, :, :past], None, True, 0.0, False, False, scale=scale)[:2]
+    o_b, l_b = attend(q, keys[:, :, past:], values[:, :, past:], None, True, 0.0, True, False, scale=scale)[:2]
+    l_a, l_b = l_a.reshape(b, hq, lq, 1), l_b.reshape(b, hq, lq, 1)
+    lse = torch.logaddexp(l_a, l_b)
+    return (o_a.float() * torch.exp(l_a - lse) + o_b.float() * torch.exp(l_b - lse)).to(q.dtype)
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
