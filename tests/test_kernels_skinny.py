@@ -1,12 +1,12 @@
-"""The few-row product kernels (gyrfalcon/ops/skinny_triton.py) against float64 references: four weights of
-different row counts in one launch, the out_proj + o_proj residual sum, down_proj into the residual and the fused
-gate/up SwiGLU, at 1-4 rows, odd N and K (tiles cross the edges), strided rows; fp32 and bf16 (bf16 within 2x the
-eager reference's own error). The same with an RMSNorm folded into the product (of x, x1, or both SwiGLU inputs), on
-rows of very different scales with a norm weight far from 1 and an eps that sets one row's norm, so a fold that
-dropped or misplaced any of them fails. Without a GPU the kernels run in Triton's CPU interpreter
-(tests/conftest.py). Also: the dispatching entries keep the references where a gradient is needed, there are too
-many rows or the norm weight is not one the kernels take, and with a norm weight they are rms_norm_ref followed by
-the plain op."""
+"""The few-row product kernels (gyrfalcon/ops/skinny_triton.py) against float64 references: four weights of different
+row counts in one launch, the out_proj + o_proj residual sum, down_proj into the residual and the fused gate/up
+SwiGLU, at 1-4 rows (CUDA cores; fp32 and bf16) and 5-128 (tensor-core tiles; bf16 and fp16), odd N and K (tiles
+cross the edges), strided rows (16-bit results within 2x the eager reference's own error). The same with an RMSNorm
+folded into the product at 1-4 rows (of x, x1, or both SwiGLU inputs), on rows of very different scales with a norm
+weight far from 1 and an eps that sets one row's norm, so a fold that dropped or misplaced any of them fails.
+Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py). Also: the dispatching entries keep
+the references where a gradient is needed, there are too many rows or the norm weight is not one the kernels take,
+and with a norm weight they are rms_norm_ref followed by the plain op."""
 
 from __future__ import annotations
 
@@ -78,9 +78,12 @@ def test_dispatch_keeps_references_for_gradients_and_many_rows(monkeypatch):
     rows = skinny.CUDA_CORE_MAX_ROWS + 1
     assert not skinny.skinny_ok(x[:rows], w)
     assert skinny.skinny_ok(x[:rows].bfloat16(), w.bfloat16()) and skinny.skinny_ok(x.half()[:-1], w.half())
-    with pytest.raises(ValueError, match="no folded norm"):  # the tile kernels never fold: skinny.py norms first
-        multi_linear_triton(x[:rows].bfloat16(), [w.bfloat16()], torch.empty(rows, 6, dtype=torch.bfloat16),
-                            torch.ones(8, dtype=torch.bfloat16))
+    # called directly, the tile kernels refuse a folded norm (skinny.py norms first) and fp32 (it would be tf32)
+    bf16_out = torch.empty(rows, 6, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="no folded norm"):
+        multi_linear_triton(x[:rows].bfloat16(), [w.bfloat16()], bf16_out, torch.ones(8, device=DEV))
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        multi_linear_triton(x[:rows], [w], torch.empty(rows, 6, device=DEV))
     xg = x[:2].clone().requires_grad_()
     out = skinny.linear_residual(torch.zeros(2, 6, device=DEV), xg, w, 1.0)
     assert out.requires_grad  # the reference ran, so the gradient flows

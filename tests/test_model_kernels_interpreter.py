@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from gyrfalcon import FalconH1Config, FalconH1ForCausalLM  # noqa: E402
 from gyrfalcon.generate import generate  # noqa: E402
-from gyrfalcon.ops import conv, dispatch, fused, mamba_decode, norm, rope, skinny, ssd  # noqa: E402
+from gyrfalcon.ops import conv, dispatch, fused, mamba_decode, norm, rope, skinny, skinny_triton, ssd  # noqa: E402
 from helpers import randomize_, rel_err, tiny_config  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def test_decode_step_logits_kernel_path_equals_reference_path(kernels_on_cpu, ma
     assert rel_err(decode_logits(model, prompt, tokens), ref) <= 1e-5
 
 
-def test_decode_step_with_tensor_core_products_bf16(kernels_on_cpu):
+def test_decode_step_with_tensor_core_products_bf16(kernels_on_cpu, monkeypatch):
     """Six rows in bf16: the decode step's products run in tensor-core tiles (ops/skinny.py, above
     CUDA_CORE_MAX_ROWS), the norms before them as kernels of their own; its logits' error against the float64
     reference path is within 2x the bf16 reference path's own."""
@@ -72,8 +72,12 @@ def test_decode_step_with_tensor_core_products_bf16(kernels_on_cpu):
     model = model.to(torch.bfloat16)
     eager = rel_err(decode_logits(model, prompt, tokens), exact)
     kernels_on_cpu()
+    tilings = []
+    real_tiling = skinny_triton._row_tiling
+    monkeypatch.setattr(skinny_triton, "_row_tiling", lambda *a: tilings.append(real_tiling(*a)) or tilings[-1])
     ours = rel_err(decode_logits(model, prompt, tokens), exact)
     assert ours <= 2 * eager + 1e-3, (ours, eager)
+    assert tilings and all(tile for tile, _ in tilings)  # every product of the steps ran in tensor-core tiles
 
 
 def decode_inputs(config, batch: int):

@@ -156,34 +156,58 @@ def test_attention_with_padding_and_cache_offset():
     assert close(out, expected)
 
 
+def explicit_attention(q, k, v, scale, allowed):
+    """softmax(q k^T scale, masked to allowed (lq, lk)) v over repeated key heads, and its log-sum-exp (b, h, lq)."""
+    rep = q.shape[1] // k.shape[1]
+    scores = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * scale).masked_fill(~allowed, -math.inf)
+    return scores.softmax(-1) @ v.repeat_interleave(rep, 1), scores.logsumexp(-1)
+
+
 def test_cached_prefill_attention_is_bottom_right_causal():
-    """A piece of 5 queries over 9 cached keys (GQA): the same as the masked attention and the explicit softmax."""
+    """A piece of 5 queries over 9 keys (4 cached before it), grouped heads: the explicit bottom-right causal
+    softmax; and a piece with nothing cached before it: the causal square."""
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 4, 5, 8, generator=gen, dtype=F64)
     k, v = torch.randn(2, 2, 9, 8, generator=gen, dtype=F64), torch.randn(2, 2, 9, 8, generator=gen, dtype=F64)
-    out = cached_prefill_attention(q, k, v, 0.3)
-    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    scores = q @ kk.transpose(-1, -2) * 0.3
-    allowed = torch.arange(9)[None] <= torch.arange(4, 9)[:, None]
-    assert close(out, scores.masked_fill(~allowed, -math.inf).softmax(-1) @ vv)
-    assert close(cached_prefill_attention(q, kk[:, :, 4:], vv[:, :, 4:], 0.3),
-                 attention(q, kk[:, :, 4:], vv[:, :, 4:], scale=0.3))  # a piece with nothing cached: plain causal
+    bottom_right = torch.arange(9)[None] <= torch.arange(4, 9)[:, None]
+    assert close(cached_prefill_attention(q, k, v, 0.3), explicit_attention(q, k, v, 0.3, bottom_right)[0])
+    square = torch.arange(5)[None] <= torch.arange(5)[:, None]
+    assert close(cached_prefill_attention(q, k[:, :, 4:], v[:, :, 4:], 0.3),
+                 explicit_attention(q, k[:, :, 4:], v[:, :, 4:], 0.3, square)[0])
+
+
+def test_merge_by_log_sum_exp_equals_attention_over_the_union():
+    """The split's merge (ops/attention.py): attention over the cached keys (no mask) and over the piece's own keys
+    (causal square), merged, equals the bottom-right causal attention over all of them (float64)."""
+    from gyrfalcon.ops.attention import merge_by_log_sum_exp
+
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 5, 8, generator=gen, dtype=F64)
+    k, v = torch.randn(2, 2, 9, 8, generator=gen, dtype=F64), torch.randn(2, 2, 9, 8, generator=gen, dtype=F64)
+    o_a, l_a = explicit_attention(q, k[:, :, :4], v[:, :, :4], 0.3, torch.ones(5, 4, dtype=torch.bool))
+    o_b, l_b = explicit_attention(q, k[:, :, 4:], v[:, :, 4:], 0.3, torch.arange(5)[None] <= torch.arange(5)[:, None])
+    whole = explicit_attention(q, k, v, 0.3, torch.arange(9)[None] <= torch.arange(4, 9)[:, None])[0]
+    merged = merge_by_log_sum_exp(o_a, l_a, o_b, l_b)
+    assert merged.dtype == F64 and close(merged, whole)
+    assert not close(o_a, whole) and not close(o_b, whole)  # neither part alone is the answer
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("lq", "lk"), [(2048, 2048 + 3000), (4096, 4096 + 64)])
-def test_cached_prefill_attention_split_on_cuda(lq, lk):
-    """Long bf16 pieces on CUDA take cuDNN's attention in two parts merged by log-sum-exp: within 2x the error of
-    the one bottom-right causal call against float32 (and a cache of 64 keys before the piece)."""
+@pytest.mark.parametrize(("batch", "lq", "lk"), [(1, 2048, 2048 + 3000), (2, 4096, 4096 + 64)])
+def test_cached_prefill_attention_split_on_cuda(batch, lq, lk):
+    """Long bf16 pieces on CUDA take cuDNN's attention in two parts merged by log-sum-exp, laid out as the model
+    passes them (q transposed from (b, l, h, d), keys and values a slice of a longer cache buffer): within 2x the
+    error of the one bottom-right causal call against float32."""
     from torch.nn.attention.bias import causal_lower_right
 
     attention_module = importlib.import_module("gyrfalcon.ops.attention")  # the package exports the function
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 12, lq, 128, generator=gen).cuda()
-    k, v = torch.randn(1, 2, lk, 128, generator=gen).cuda(), torch.randn(1, 2, lk, 128, generator=gen).cuda()
+    q = torch.randn(batch, lq, 12, 128, generator=gen).cuda().transpose(1, 2)
+    cache_k, cache_v = (torch.randn(batch, 2, lk + 100, 128, generator=gen).cuda() for _ in range(2))
+    k, v = cache_k[:, :, :lk], cache_v[:, :, :lk]
     exact = attention(q, k, v, scale=0.088)  # fp32, the masked path
-    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    q16, k16, v16 = q.bfloat16(), cache_k.bfloat16()[:, :, :lk], cache_v.bfloat16()[:, :, :lk]
     assert attention_module._cudnn_split_ok(q16, k16, v16)
     ours = cached_prefill_attention(q16, k16, v16, 0.088)
     one_call = F.scaled_dot_product_attention(q16, k16, v16, attn_mask=causal_lower_right(lq, lk), scale=0.088,

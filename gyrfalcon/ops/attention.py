@@ -43,7 +43,7 @@ def cached_prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     Long pieces with no gradient, on CUDA in 16-bit, go to cuDNN's attention in two parts merged by their
     log-sum-exp (_split_cudnn_attention): on the H100 that is 1.8-1.95x faster than the one bottom-right causal call,
     which runs FlashAttention-2 (2K queries over 64K keys, 8K over 32K and 128K; cuDNN takes only top-left causal
-    masks through the public call). Elsewhere the public call."""
+    masks through the public call). Elsewhere that public call (see below for grouped heads)."""
     lq, lk = q.shape[2], keys.shape[2]
     gqa = q.shape[1] != keys.shape[1]
     if lq == lk:
@@ -52,36 +52,63 @@ def cached_prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
         return _split_cudnn_attention(q, keys, values, scale)
     from torch.nn.attention.bias import causal_lower_right
 
-    # Key heads shared by query groups go in as they are (no copy per query head): on the H100 the bottom-right
-    # causal flash kernel takes them directly, 1.07x faster than on repeated heads for an 8K piece over 32K-128K
-    # keys and 3.4x for 64 queries over 64K (a chat turn after a long history).
+    if gqa and not _flash_takes(q, keys, values):
+        # Without FlashAttention, PyTorch's bottom-right causal path takes grouped heads only by building the whole
+        # (lq, lk) mask: repeat the key heads instead, so the memory-efficient kernel applies the mask itself.
+        rep = q.shape[1] // keys.shape[1]
+        keys, values, gqa = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1), False
+    # Where FlashAttention runs it takes grouped key heads as they are (no copy per query head): on the H100 1.07x
+    # faster than on repeated heads for an 8K piece over 32K-128K keys, 3.4x for 64 queries over 64K (a chat turn
+    # after a long history).
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(lq, lk), scale=scale,
                                           enable_gqa=gqa)
+
+
+def _flash_takes(q, keys, values) -> bool:
+    """True where FlashAttention takes these operands with grouped key heads (PyTorch's own check)."""
+    if not q.is_cuda:
+        return False
+    return torch.backends.cuda.can_use_flash_attention(torch.backends.cuda.SDPAParams(q, keys, values, None, 0.0,
+                                                                                      False, True))
 
 
 SPLIT_MIN_QUERIES = 2048  # the shortest piece measured faster split (2K queries: 1.95x); shorter ones keep one call
 
 
 def _cudnn_split_ok(q, keys, values) -> bool:
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] >= SPLIT_MIN_QUERIES
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and torch.backends.cuda.cudnn_sdp_enabled()
-            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values))))
+    """Long 16-bit pieces with no gradient on a Hopper GPU (where the split was measured) that cuDNN's attention
+    takes (PyTorch's own check; the private op below skips it)."""
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and keys.dtype == values.dtype == q.dtype
+            and q.shape[2] >= SPLIT_MIN_QUERIES and torch.version.hip is None
+            and torch.cuda.get_device_capability(q.device) >= (9, 0)
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values)):
+        return False
+    params = torch.backends.cuda.SDPAParams(q, keys, values, None, 0.0, True, q.shape[1] != keys.shape[1])
+    return torch.backends.cuda.can_use_cudnn_attention(params)
 
 
 def _split_cudnn_attention(q, keys, values, scale: float) -> torch.Tensor:
     """Bottom-right causal attention as (a) every query over the cached keys before its piece, no mask, and (b) the
-    piece over its own keys, top-left causal (a square), each with its log-sum-exp l; then
-    out = o_a exp(l_a - l) + o_b exp(l_b - l) with l = logaddexp(l_a, l_b), in fp32, rounded once."""
+    piece over its own keys, top-left causal (a square), each output with its log-sum-exp, merged by
+    merge_by_log_sum_exp. cuDNN returns both parts rounded to q's dtype, so the result is rounded twice (measured
+    error 1.2x the single call's)."""
     b, hq, lq, _ = q.shape
     past = keys.shape[2] - lq
     attend = torch.ops.aten._scaled_dot_product_cudnn_attention
     # (query, key, value, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask): (out, lse, ...)
     o_a, l_a = attend(q, keys[:, :, :past], values[:, :, :past], None, True, 0.0, False, False, scale=scale)[:2]
     o_b, l_b = attend(q, keys[:, :, past:], values[:, :, past:], None, True, 0.0, True, False, scale=scale)[:2]
-    l_a, l_b = l_a.reshape(b, hq, lq, 1), l_b.reshape(b, hq, lq, 1)
-    lse = torch.logaddexp(l_a, l_b)
-    return (o_a.float() * torch.exp(l_a - lse) + o_b.float() * torch.exp(l_b - lse)).to(q.dtype)
+    return merge_by_log_sum_exp(o_a, l_a.reshape(b, hq, lq), o_b, l_b.reshape(b, hq, lq)).to(q.dtype)
+
+
+def merge_by_log_sum_exp(o_a, l_a, o_b, l_b) -> torch.Tensor:
+    """Attention over two disjoint key sets, o (b, h, lq, d) with log-sum-exp l (b, h, lq) each, as one attention
+    over their union: o_a exp(l_a - l) + o_b exp(l_b - l) with l = logaddexp(l_a, l_b), in at least fp32."""
+    lse = torch.logaddexp(l_a, l_b)[..., None]
+    dtype = torch.promote_types(torch.float32, l_a.dtype)
+    return o_a.to(dtype) * torch.exp(l_a[..., None] - lse) + o_b.to(dtype) * torch.exp(l_b[..., None] - lse)
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,

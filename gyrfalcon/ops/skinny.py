@@ -14,13 +14,12 @@ with its pure-PyTorch reference. Inference only (no gradient).
 n(x) = rms_norm_ref(x, norm_weight, eps) (ops/norm.py) with norm_weight (K,), or x itself where norm_weight is None:
 the RMSNorm before the product folded into it (the kernels read each whole x row anyway), saving the norm's own
 launch; folded at one row only (FOLD_MAX_ROWS: measured), more rows run the norm kernel before the product.
-Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels
-(skinny_triton.py) run for M <= MAX_ROWS on CUDA (above CUDA_CORE_MAX_ROWS on the tensor cores, for 16-bit operands
-only: fp32 products of more rows keep the reference, which never rounds them to tf32), accumulate in fp32 and round
-once (the normed x is not rounded
-at all); the references round the normed x and each product to the model dtype first, as the layer's unfused path
-does. The kernels take a norm weight of any kernel dtype (read in fp32), contiguous, on x's device (norm_ok);
-another runs the reference.
+Weights (N, K) contiguous, no bias; x rows with a contiguous last dim. The Triton kernels (skinny_triton.py) run for
+M <= MAX_ROWS on CUDA (above CUDA_CORE_MAX_ROWS on the tensor cores, for 16-bit operands only: fp32 products of more
+rows keep the reference, which never rounds them to tf32), accumulate in fp32 and round each product once (a norm
+folded at one row is not rounded at all; with more rows the norm kernel's output is); the references round the
+normed x and each product to the model dtype first, as the layer's unfused path does. The kernels take a norm weight
+of any kernel dtype (read in fp32), contiguous, on x's device (norm_ok); another runs the reference.
 """
 
 from __future__ import annotations

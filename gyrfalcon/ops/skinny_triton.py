@@ -21,17 +21,18 @@ Programmatic dependent launch (ops/pdl.py, Hopper): the next product is launched
 Prefetching the first weight tiles into L2 before the wait was tried and measured (bench/skinny_kernels.py --pdl,
 H100, 2026-11-24): no gain with 256 columns per row, 2-4% slower at the 7B shape with 1024 and 4096, so it is not done.
 
-RMSNorm fold (HAS_NORM): x -> rms_norm(x, nw, eps) = x * rsqrt(mean_k x_k^2 + eps) * nw before the product (on x of
-_multi_kernel, on x1 of _pair_kernel: both SwiGLU products, never x2). Since every program walks the full K of its
-rows it reads all of each x row anyway, so the norm costs no pass of its own: the K loop multiplies x by nw (fp32)
-and also sums x^2 per row, and the (BLOCK_M, BLOCK_N) result is scaled by rsqrt(ssq / K + eps) per row, which is
-exact because that factor is constant along k. This drops the separate norm kernel (and its round trip of the normed
-rows through memory) before the decoder layer's in_proj/q/k/v and gate/up products. Unlike the unfused path the
-normed x is never rounded to the model dtype.
+RMSNorm fold (HAS_NORM; the CUDA-core kernels only): x -> rms_norm(x, nw, eps) = x * rsqrt(mean_k x_k^2 + eps) * nw
+before the product (on x of _multi_kernel, on x1 of _pair_kernel: both SwiGLU products, never x2). Since every
+program walks the full K of its rows it reads all of each x row anyway, so the norm costs no pass of its own: the K
+loop multiplies x by nw (fp32) and also sums x^2 per row, and the (BLOCK_M, BLOCK_N) result is scaled by rsqrt(ssq /
+K + eps) per row, which is exact because that factor is constant along k. This drops the separate norm kernel (and
+its round trip of the normed rows through memory) before the decoder layer's in_proj/q/k/v and gate/up products.
+Unlike the unfused path the normed x is never rounded to the model dtype.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -49,7 +50,8 @@ TILE_MAX_ROWS = MAX_ROWS
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), autotuned per shape on the first call of each shape: CONFIGS for the
 # CUDA-core product, TILE_CONFIGS for the tensor-core one (each kernel below is tuned as two, one per family).
 CONFIGS = [(4, 512, 4, 3), (8, 256, 4, 4), (2, 1024, 4, 3), (8, 512, 8, 3), (4, 1024, 4, 3)]
-TILE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)]
+# (32, 256) takes two stages: with three its 128-row tiles would need more shared memory than an H100 SM has
+TILE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3)]
 
 
 def _configs(tile: bool = False):
@@ -148,7 +150,9 @@ def _multi(x_ptr, sx_m, out_ptr, so_m, M, K, w0, w1, w2, w3, n0, n1, n2, n3, nw_
 
 # HAS_NORM in the keys: the folded variant does a little more per K tile, so it is tuned on its own.
 _multi_kernel = triton.autotune(configs=_configs(), key=["M", "n0", "n1", "K", "HAS_NORM"])(_multi)
-_multi_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["M", "n0", "n1", "K"])(_multi)
+# The tile kernels are tuned per BLOCK_M (16-128 rows), not per row count: a new batch size within a tile height
+# reuses its tuning instead of stalling a server's first step at that size.
+_multi_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["BLOCK_M", "n0", "n1", "K"])(_multi)
 
 
 @triton.jit
@@ -178,18 +182,20 @@ def _pair(x1_ptr, sx1, w1_ptr, K1, x2_ptr, sx2, w2_ptr, K2, res_ptr, sr_m, out_p
     tl.store(out_ptr + m[:, None] * so_m + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_pair_kernel = triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2", "HAS_NORM"])(_pair)
-_pair_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["M", "N", "K1", "K2"])(_pair)
+_PAIR_MODES = ["MODE", "HAS_SECOND", "HAS_RES"]  # an epilogue of its own is tuned on its own
+_pair_kernel = triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2", "HAS_NORM", *_PAIR_MODES])(_pair)
+_pair_tile_kernel = triton.autotune(configs=_configs(tile=True), key=["BLOCK_M", "N", "K1", "K2", *_PAIR_MODES])(_pair)
 
 
-def _row_tiling(m: int, has_norm: bool) -> tuple[bool, int]:
+def _row_tiling(m: int, has_norm: bool, dtype) -> tuple[bool, int]:
     """(TILE, BLOCK_M) for m rows: the CUDA-core product up to CUDA_CORE_MAX_ROWS, else tensor-core tiles of at
-    least 16 rows (tl.dot's least M), which take no folded norm (skinny.py runs the norm kernel first there)."""
+    least 16 rows (tl.dot's least M), which take 16-bit operands only (fp32 would be rounded to tf32) and no folded
+    norm (skinny.py runs the norm kernel first there)."""
     if m <= CUDA_CORE_MAX_ROWS:
         return False, triton.next_power_of_2(m)
-    if m > TILE_MAX_ROWS or has_norm:
-        raise ValueError(f"the tensor-core product takes {CUDA_CORE_MAX_ROWS + 1}-{TILE_MAX_ROWS} rows and no "
-                         f"folded norm, got {m} rows{' with a norm' if has_norm else ''}")
+    if m > TILE_MAX_ROWS or has_norm or dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the tensor-core product takes {CUDA_CORE_MAX_ROWS + 1}-{TILE_MAX_ROWS} rows of bf16 or "
+                         f"fp16 and no folded norm, got {m} rows of {dtype}{' with a norm' if has_norm else ''}")
     return True, max(16, triton.next_power_of_2(m))
 
 
@@ -205,7 +211,7 @@ def multi_linear_triton(x, weights, out, norm_weight=None, eps: float = 0.0, *, 
         return (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)
 
     has_norm = norm_weight is not None
-    tile, block_m = _row_tiling(m, has_norm)
+    tile, block_m = _row_tiling(m, has_norm, x.dtype)
     kernel = _multi_tile_kernel if tile else _multi_kernel
     kernel[grid](x, x.stride(0), out, out.stride(0), m, k, *ws, *ns, norm_weight if has_norm else x, float(eps),
                  HAS_NORM=has_norm, TILE=tile, BLOCK_M=block_m, INTERP=_INTERPRET, PDL=pdl, **launch_options(pdl))
@@ -226,7 +232,7 @@ def pair_linear_triton(x1, w1, x2, w2, res, out, s1: float, s2: float, mode: int
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    tile, block_m = _row_tiling(m, norm_weight is not None)
+    tile, block_m = _row_tiling(m, norm_weight is not None, x1.dtype)
     kernel = _pair_tile_kernel if tile else _pair_kernel
     kernel[grid](x1, x1.stride(0), w1, k1, x2 if second else x1, x2.stride(0) if second else 0,
                  w2 if w2 is not None else w1, k2, res if res is not None else out,
