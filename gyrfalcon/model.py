@@ -77,21 +77,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, padding_mask=None, seq_idx=None, cache: LayerCache | None = None):
         """x (b, l, hidden): the normed input, before the attention_in multiplier (applied here)."""
-        b, l, _ = x.shape
         if cache is not None and cache.decoding:
             return self._decode(x, cos, sin, cache)
-        x = x * self.in_multiplier
-        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2) * self.key_multiplier
-        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = ops.apply_rope(q, k, cos, sin)
+        q, k, v = self._rotated_qkv(x * self.in_multiplier, cos, sin, self.key_multiplier)
         if cache is not None:
             # The cache stores the new keys (rotated, multiplied) and values, then attends over all cached ones.
             o = cache.attend(q, k, v, scale=self.head_dim ** -0.5)
         else:
-            o = ops.attention(q, k, v, scale=self.head_dim ** -0.5, key_padding_mask=padding_mask, doc_ids=seq_idx,
-                              dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
+            o = self._attention(q, k, v, self.head_dim ** -0.5, padding_mask, seq_idx)
+        return self._out(o)
 
     def unscaled(self, x, cos, sin, padding_mask=None, seq_idx=None) -> tuple[torch.Tensor, float]:
         """(out, factor) with forward(x) == out * factor, without a cache. With bias-free projections (all released
@@ -99,24 +93,42 @@ class Attention(nn.Module):
         k go into the softmax scale, and a on v becomes the returned factor (which the decoder layer folds into the
         attention_out factor of its residual mix). That saves the passes over x and k (forward, recomputation and
         backward) that the factors would otherwise cost in training."""
-        if self.q_proj.bias is not None or self.k_proj.bias is not None or self.v_proj.bias is not None:
+        if not self._bias_free():
             return self.forward(x, cos, sin, padding_mask, seq_idx), 1.0
-        b, l, _ = x.shape
         a = self.in_multiplier
+        q, k, v = self._rotated_qkv(x, cos, sin, None)
+        o = self._attention(q, k, v, self.head_dim ** -0.5 * a * a * self.key_multiplier, padding_mask, seq_idx)
+        return self._out(o), a
+
+    def _bias_free(self) -> bool:
+        return self.q_proj.bias is None and self.k_proj.bias is None and self.v_proj.bias is None
+
+    def _rotated_qkv(self, x, cos, sin, key_factor: float | None):
+        """q (b, hq, l, d), k, v (b, hk, l, d) from x (b, l, hidden): RoPE on q and k, k times key_factor (if any)
+        before it."""
+        b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if key_factor is not None:
+            k = k * key_factor
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin)
-        scale = self.head_dim ** -0.5 * a * a * self.key_multiplier
-        o = ops.attention(q, k, v, scale=scale, key_padding_mask=padding_mask, doc_ids=seq_idx,
-                          dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(o.transpose(1, 2).reshape(b, l, -1)), a
+        return q, k, v
+
+    def _attention(self, q, k, v, scale: float, padding_mask, seq_idx):
+        return ops.attention(q, k, v, scale=scale, key_padding_mask=padding_mask, doc_ids=seq_idx,
+                             dropout_p=self.dropout if self.training else 0.0)
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        """o_proj of the heads' outputs o (b, hq, l, d), back to (b, l, hidden)."""
+        b, _, l, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
 
     def _decode(self, x, cos, sin, cache: LayerCache):
         """One token per row: the projections (with an input bias, after the input factor), then decode_attend."""
         b = x.shape[0]
         a = self.in_multiplier
-        if self.q_proj.bias is not None or self.k_proj.bias is not None or self.v_proj.bias is not None:
+        if not self._bias_free():
             x, a = x * a, 1.0
         o = self.decode_attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache, a)
         return self.o_proj(o.reshape(b, 1, -1))
