@@ -28,7 +28,7 @@ def check(got, ref_fn, inputs, dtype):
 
 
 # (dtype, rows): the CUDA-core product at 1-4 rows in fp32 and bf16, the tensor-core tiles above in 16-bit dtypes
-# (5 and 17 rows pad the tile to 16 and 32 rows; 64 fills it; 128 is TILE_MAX_ROWS)
+# (5 and 17 rows pad the tile to 16 and 32 rows; 64 fills it; 128 is skinny.MAX_ROWS)
 ROWS = [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1), (torch.bfloat16, 3), (torch.bfloat16, 5),
         (torch.float16, 17), (torch.bfloat16, 64), (torch.float16, 128)]
 

@@ -33,6 +33,7 @@ from .norm import rms_norm, rms_norm_ref
 CUDA_CORE_MAX_ROWS = 4  # rows up to which the kernels multiply on the CUDA cores; more go to the tensor cores
 # above MAX_ROWS rows the product is no longer bound by reading the weights and cuBLAS is the better choice
 MAX_ROWS = 128
+TILE_DTYPES = (torch.bfloat16, torch.float16)  # the tensor cores' operands here (fp32 would be rounded to tf32)
 # Measured on the H100 (bench/skinny_kernels.py, 2026-11-23): folding the norm pays at one row (0.5B shape 1.1-1.3x,
 # 7B 1.0-1.1x against the norm kernel + the product) but costs at four rows at the 7B shape (0.8-0.92x: the per-row
 # sums and scaled x tiles crowd the registers of four-row tiles), so more rows run the norm kernel first. Folding
@@ -84,7 +85,7 @@ def skinny_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
     rows_ok = x.dim() == 2 and (x.shape[0] <= CUDA_CORE_MAX_ROWS
-                                or (x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)))
+                                or (x.shape[0] <= MAX_ROWS and x.dtype in TILE_DTYPES))
     return (kernels_enabled(x, *weights) and rows_ok and x.stride(-1) == 1
             and x.dtype in KERNEL_DTYPES and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
 

@@ -1,4 +1,4 @@
-"""Triton kernels of ops/skinny.py: products of a few rows (a decode step's batch, M <= TILE_MAX_ROWS) with weight
+"""Triton kernels of ops/skinny.py: products of a few rows (a decode step's batch, M <= skinny.MAX_ROWS) with weight
 matrices, read at memory speed, with the decoder layer's glue (µP factors, SwiGLU, residual adds) in their epilogues.
 
 A decode step at batch 1 reads every weight once and computes next to nothing, so each product is a pass over its
@@ -32,20 +32,15 @@ Unlike the unfused path the normed x is never rounded to the model dtype.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from .pdl import launch_options, pdl_supported, pdl_wait
-from .skinny import CUDA_CORE_MAX_ROWS, MAX_ROWS
-from .ssd_triton import _INTERPRET, _bound
+from .skinny import CUDA_CORE_MAX_ROWS, MAX_ROWS, TILE_DTYPES
+from .ssd_triton import _INTERPRET, _bound, _mm
 
 MODE_SUM = 0
 MODE_SWIGLU = 1
-
-# Rows up to CUDA_CORE_MAX_ROWS run on the CUDA cores; above, up to TILE_MAX_ROWS, each program multiplies its rows on
-# the tensor cores (tl.dot; skinny.py sends 16-bit operands only, so fp32 is never rounded to tf32).
-TILE_MAX_ROWS = MAX_ROWS
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), autotuned per shape on the first call of each shape: CONFIGS for the
 # CUDA-core product, TILE_CONFIGS for the tensor-core one (each kernel below is tuned as two, one per family).
@@ -105,10 +100,7 @@ def _rows_dot_tile(x_ptr, sx_m, w_ptr, sw_n, M, N, K, rows, BLOCK_M: tl.constexp
         k_mask = k < K
         w = tl.load(w_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if INTERP:  # the numpy interpreter cannot multiply bf16 tiles; the values are exact in fp32
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc += _mm(x, tl.trans(w), w.dtype, INTERP)  # (the interpreter multiplies in fp32: 16-bit values are exact)
     return acc
 
 
@@ -193,8 +185,8 @@ def _row_tiling(m: int, has_norm: bool, dtype) -> tuple[bool, int]:
     norm (skinny.py runs the norm kernel first there)."""
     if m <= CUDA_CORE_MAX_ROWS:
         return False, triton.next_power_of_2(m)
-    if m > TILE_MAX_ROWS or has_norm or dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"the tensor-core product takes {CUDA_CORE_MAX_ROWS + 1}-{TILE_MAX_ROWS} rows of bf16 or "
+    if m > MAX_ROWS or has_norm or dtype not in TILE_DTYPES:
+        raise ValueError(f"the tensor-core product takes {CUDA_CORE_MAX_ROWS + 1}-{MAX_ROWS} rows of bf16 or "
                          f"fp16 and no folded norm, got {m} rows of {dtype}{' with a norm' if has_norm else ''}")
     return True, max(16, triton.next_power_of_2(m))
 
