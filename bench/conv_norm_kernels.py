@@ -3,6 +3,8 @@
     python bench/conv_norm_kernels.py            # 0.5B (batch 4 x 2048) and 7B (batch 1 x 8192) shapes, bf16
     python bench/conv_norm_kernels.py --sweep    # also conv launch shapes (to choose conv_triton defaults) and
                                                  # plain copies of the same bytes (what streaming reaches here)
+    python bench/conv_norm_kernels.py --grid     # the conv alone over the Mamba issue's grid: 0.5B and 7B, batch 1
+                                                 # and 4, 2K/8K/32K tokens, also on a contiguous x (diagnostic)
 
 Inputs are laid out as the model produces them: the conv's x and the gate z are channel slices of in_proj's output
 (row stride = in_proj width), the scan output y and the hidden states are contiguous. Every op with a weight is
@@ -11,6 +13,9 @@ Timing: triton.testing.do_bench median after warm-up. One JSON line per measurem
     {"op", "impl", "shape", "batch", "seqlen", "dtype", "pass", "ms", "gbps", "floor_ms", "share_of_floor", ...}
 floor = bytes that must cross HBM / 3.35e12 B/s (H100 SXM): conv fwd reads x and writes y, fwd+bwd also reads dy and
 writes dx; norms read each input and write each output once per pass (the backward re-reads the forward's inputs).
+The conv's backward must also read x again (the SiLU's derivative needs the pre-activation, which the forward does not
+store): its fwd+bwd lines also carry `min_passes_floor_ms` (5 passes: x twice, y, dy, dx), the least any pair of
+separate forward and backward kernels can move.
 gbps is those floor bytes over the measured time. kernel_ms is the GPU time of the launched kernels alone
 (torch.profiler), and kernel_share_of_floor the floor over it: small ops timed one call at a time are bound by
 the host's launch overhead, which a model step hides behind other GPU work. Triton lines of the forward pass also
@@ -34,6 +39,7 @@ from gyrfalcon.ops.norm_triton import gated_rms_norm_triton, rms_norm_triton
 
 HBM_BYTES_PER_S = 3.35e12
 SHAPES = [("0.5B", 4, 2048), ("7B", 1, 8192)]
+GRID = [(shape, b, l) for shape in ("0.5B", "7B") for b in (1, 4) for l in (2048, 8192, 32768)]
 DTYPE = torch.bfloat16
 SWEEP = [ConvLaunch(256, 32, 8, 1), ConvLaunch(256, 64, 8, 1), ConvLaunch(256, 64, 8, 2), ConvLaunch(512, 64, 8, 2),
          ConvLaunch(128, 64, 8, 1), ConvLaunch(256, 128, 16, 2), ConvLaunch(256, 128, 8, 1), ConvLaunch(256, 16, 8, 1),
@@ -90,8 +96,9 @@ def fwd_and_fwd_bwd(fn, inputs, cot):
     return fwd, fwd_bwd
 
 
-def bench_pair(op, shape, b, l, impls, inputs, cot, floor_fwd, floor_fwd_bwd, **extra):
-    """Times every impl on the same inputs; the first impl is the reference the others' outputs are checked against."""
+def bench_pair(op, shape, b, l, impls, inputs, cot, floor_fwd, floor_fwd_bwd, min_bytes_fwd_bwd=None, **extra):
+    """Times every impl on the same inputs; the first impl is the reference the others' outputs are checked against.
+    min_bytes_fwd_bwd: the least bytes separate forward and backward kernels can move, where above floor_fwd_bwd."""
     ref_out = None
     for name, fn in impls:
         fwd, fwd_bwd = fwd_and_fwd_bwd(fn, inputs, cot)
@@ -100,32 +107,37 @@ def bench_pair(op, shape, b, l, impls, inputs, cot, floor_fwd, floor_fwd_bwd, **
         ref_out = out if ref_out is None else ref_out
         for pas, f, floor in (("fwd", fwd, floor_fwd), ("fwd+bwd", fwd_bwd, floor_fwd_bwd)):
             gpu_ms = kernel_ms(f)
+            more = dict(check) if pas == "fwd" else {}
+            if pas == "fwd+bwd" and min_bytes_fwd_bwd is not None:
+                min_ms = min_bytes_fwd_bwd / HBM_BYTES_PER_S * 1e3
+                more.update(min_passes_floor_ms=round(min_ms, 5), kernel_over_min_passes=round(gpu_ms / min_ms, 3))
             emit(op, name, shape, b, l, pas, timed(f), floor, kernel_ms=round(gpu_ms, 5),
-                 kernel_share_of_floor=round(floor / HBM_BYTES_PER_S * 1e3 / gpu_ms, 3),
-                 **(check if pas == "fwd" else {}), **extra)
+                 kernel_share_of_floor=round(floor / HBM_BYTES_PER_S * 1e3 / gpu_ms, 3), **more, **extra)
 
 
-def conv_case(cfg, shape, b, l, sweep):
+def conv_case(cfg, shape, b, l, sweep, contiguous_x=False, with_reference=True, weight_grads=(True, False)):
+    """contiguous_x: x as a contiguous tensor instead of in_proj's channel slice (a diagnostic of the layout's cost)."""
     d = cfg.conv_dim
     gen = torch.Generator(device="cuda").manual_seed(0)
     zxbcdt = torch.randn(b, l, cfg.in_proj_size, device="cuda", dtype=DTYPE, generator=gen)
-    x = zxbcdt[..., cfg.d_ssm:cfg.d_ssm + d].detach().requires_grad_()          # strided, as in the model
+    x = zxbcdt[..., cfg.d_ssm:cfg.d_ssm + d].detach()                             # strided, as in the model
+    x = (x.contiguous() if contiguous_x else x).requires_grad_()
     cot = torch.randn(b, l, d, device="cuda", dtype=DTYPE, generator=gen)
     n = b * l * d * DTYPE.itemsize
-    impls = [("torch-ref", causal_conv1d_ref), ("triton", causal_conv1d_triton)]
+    impls = ([("torch-ref", causal_conv1d_ref)] if with_reference else []) + [("triton", causal_conv1d_triton)]
     if sweep:
         for launch in SWEEP:
             impls.append((f"triton[bd={launch.block_d},cl={launch.chunk_l},u={launch.unroll},w={launch.num_warps}]",
                           lambda *a, launch=launch: causal_conv1d_triton(*a, launch=launch)))
     if sweep:
         copy_calibration(shape, b, l, x, n, channels=d)
-    for weight_grad in (True, False):  # full fine-tuning; LoRA (conv weights frozen)
+    for weight_grad in weight_grads:  # full fine-tuning; LoRA (conv weights frozen)
         w = (torch.randn(d, cfg.mamba_d_conv, device="cuda", generator=gen) * 0.3).to(DTYPE)
         bias = (torch.randn(d, device="cuda", generator=gen) * 0.1).to(DTYPE)
         w.requires_grad_(weight_grad)
         bias.requires_grad_(weight_grad)
-        bench_pair("causal_conv1d", shape, b, l, impls, [x, w, bias], cot, 2 * n, 4 * n, channels=d,
-                   weight_grad=weight_grad)
+        bench_pair("causal_conv1d", shape, b, l, impls, [x, w, bias], cot, 2 * n, 4 * n, 5 * n, channels=d,
+                   weight_grad=weight_grad, x_layout="contiguous" if contiguous_x else "in_proj slice")
 
 
 def copy_calibration(shape, b, l, x, n, **extra):
@@ -177,9 +189,18 @@ def gated_case(cfg, shape, b, l):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time a few conv launch shapes")
+    parser.add_argument("--grid", action="store_true",
+                        help="only the conv, over 0.5B/7B x batch 1/4 x 2K/8K/32K (reference at 2K only), on the "
+                             "model's strided x and on a contiguous copy")
     args = parser.parse_args()
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "triton": triton.__version__}), flush=True)
+    if args.grid:
+        for shape, b, l in GRID:
+            cfg = FalconH1Config.from_preset(shape)
+            conv_case(cfg, shape, b, l, args.sweep, with_reference=l == 2048)
+            conv_case(cfg, shape, b, l, False, contiguous_x=True, with_reference=False, weight_grads=(False,))
+        return
     for shape, b, l in SHAPES:
         cfg = FalconH1Config.from_preset(shape)
         conv_case(cfg, shape, b, l, args.sweep)
