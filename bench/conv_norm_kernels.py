@@ -41,10 +41,9 @@ HBM_BYTES_PER_S = 3.35e12
 SHAPES = [("0.5B", 4, 2048), ("7B", 1, 8192)]
 GRID = [(shape, b, l) for shape in ("0.5B", "7B") for b in (1, 4) for l in (2048, 8192, 32768)]
 DTYPE = torch.bfloat16
-SWEEP = [ConvLaunch(256, 32, 8, 1), ConvLaunch(256, 64, 8, 1), ConvLaunch(256, 64, 8, 2), ConvLaunch(512, 64, 8, 2),
-         ConvLaunch(128, 64, 8, 1), ConvLaunch(256, 128, 16, 2), ConvLaunch(256, 128, 8, 1), ConvLaunch(256, 16, 8, 1),
-         ConvLaunch(512, 64, 8, 4), ConvLaunch(1024, 64, 8, 4), ConvLaunch(64, 64, 8, 1), ConvLaunch(128, 32, 8, 1),
-         ConvLaunch(256, 32, 8, 2), ConvLaunch(512, 32, 8, 2)]
+SWEEP = [ConvLaunch(128, 32, 1), ConvLaunch(128, 64, 1), ConvLaunch(128, 64, 2), ConvLaunch(256, 32, 1),
+         ConvLaunch(256, 32, 2), ConvLaunch(256, 64, 2), ConvLaunch(64, 32, 1), ConvLaunch(128, 16, 1),
+         ConvLaunch(128, 128, 1), ConvLaunch(512, 32, 4)]
 
 
 def timed(fn) -> float:
@@ -127,7 +126,7 @@ def conv_case(cfg, shape, b, l, sweep, contiguous_x=False, with_reference=True, 
     impls = ([("torch-ref", causal_conv1d_ref)] if with_reference else []) + [("triton", causal_conv1d_triton)]
     if sweep:
         for launch in SWEEP:
-            impls.append((f"triton[bd={launch.block_d},cl={launch.chunk_l},u={launch.unroll},w={launch.num_warps}]",
+            impls.append((f"triton[bd={launch.block_d},cl={launch.chunk_l},w={launch.num_warps}]",
                           lambda *a, launch=launch: causal_conv1d_triton(*a, launch=launch)))
     if sweep:
         copy_calibration(shape, b, l, x, n, channels=d)

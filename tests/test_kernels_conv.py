@@ -20,7 +20,7 @@ from gyrfalcon.ops.conv_triton import (ConvLaunch, causal_conv1d_triton,  # noqa
 from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
 F64 = torch.float64
-SMALL = ConvLaunch(block_d=16, chunk_l=8, unroll=4, num_warps=1)  # 37 channels -> 3 blocks, 37 tokens -> 5 chunks
+SMALL = ConvLaunch(block_d=16, chunk_l=8, num_warps=1)  # 37 channels -> 3 blocks, 37 tokens -> 5 chunks
 gpu = pytest.mark.gpu
 
 

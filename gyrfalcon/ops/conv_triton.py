@@ -10,12 +10,15 @@ Why the kernels look the way they do: the op is pure memory traffic (4 multiply-
 element must cross HBM once. A program owns `block_d` channels of one row over `chunk_l` tokens and walks the tokens
 in order, keeping the last three inputs (and, backward, the last three input-gradients) in registers as a sliding
 window: no element is loaded twice except the 3-token halo at the chunk's start (and end, backward), and the SiLU is
-evaluated once per element. The token loop is unrolled `unroll` times so that many row loads are in flight at once.
-The window always has four slots (input offsets -3..0); a kernel of k < 4 taps sees zero weights in the first 4-k.
+evaluated once per element. The walk moves 8 tokens at a time: one (block_d, 8) tile load and one tile store
+(16-byte accesses), split into token columns in registers (`_split8`/`_join8`), and the next tile is loaded before
+the current one is stored. Row by row, each load sat behind the previous token's store (the compiler may not move a
+load above a store that could alias it): one 256-byte load in flight per warp, 1.4x a copy's time where the tiles
+take 1.2x (`bench/conv_norm_kernels.py`; docs/benchmarks.md, eighth session).
 
-Backward recomputes the pre-activation from x (reading x again is cheaper than storing it) and emits dx for token
-t-3 when it reaches token t (dx[s] needs the input-gradients of tokens s..s+3). Weight and bias gradients are
-summed per program in fp32 registers, written as one partial per program and reduced by torch (deterministic).
+Backward recomputes the pre-activation from x (reading x again is cheaper than storing it) and emits dx for tokens
+t-3..t+4 when it has the input-gradients of tokens t..t+7 (dx[s] needs those of s..s+3). Weight and bias gradients
+are summed per program in fp32 registers, written as one partial per program and reduced by torch (deterministic).
 Launch shapes come from `default_launch` (no autotuning: one compile per shape class); `ConvLaunch` overrides them.
 """
 
@@ -31,19 +34,19 @@ from .dispatch import sm_count
 from .pdl import launch_options, pdl_supported, pdl_wait
 
 WINDOW = 4  # register window slots: inputs t-3 .. t
+TILE_L = tl.constexpr(8)  # tokens per load and store: the walk's tiles
 
 
 @dataclass(frozen=True)
 class ConvLaunch:
-    """Launch shape of the sequence kernels: channels per program, tokens per program, token-loop unrolling, warps."""
-    block_d: int = 256
-    chunk_l: int = 64
-    unroll: int = 8
-    num_warps: int = 2
+    """Launch shape of the sequence kernels: channels per program, tokens per program, warps."""
+    block_d: int = 128
+    chunk_l: int = 32
+    num_warps: int = 1
 
     def __post_init__(self):
-        if self.chunk_l % self.unroll or self.chunk_l < WINDOW or self.block_d & (self.block_d - 1):
-            raise ValueError(f"ConvLaunch: chunk_l must be >= {WINDOW} and a multiple of unroll, block_d a power "
+        if self.chunk_l % TILE_L.value or self.chunk_l < TILE_L.value or self.block_d & (self.block_d - 1):
+            raise ValueError(f"ConvLaunch: chunk_l must be a positive multiple of {TILE_L.value}, block_d a power "
                              f"of 2: {self}")
 
 
@@ -59,7 +62,7 @@ def default_launch(b: int, l: int, d: int, device: torch.device) -> ConvLaunch:
     chunk = 32
     while chunk > 16 and b * n_d * triton.cdiv(l, chunk) < target:
         chunk //= 2
-    return ConvLaunch(block_d=block_d, chunk_l=chunk, unroll=8, num_warps=1)
+    return ConvLaunch(block_d=block_d, chunk_l=chunk, num_warps=1)
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -112,6 +115,63 @@ def _preact(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, w0, w1, w2, w3, bias, HAS_SEQ:
 
 
 @triton.jit
+def _split8(tile, BLOCK_D: tl.constexpr):
+    """tile (BLOCK_D, 8), token j in column j -> its eight columns (BLOCK_D,) each, in token order."""
+    e, o = tl.split(tl.reshape(tile, [BLOCK_D, 2, 2, 2]))    # column j = 4*j2 + 2*j1 + j0: split j0, then j1, j2
+    e0, e1 = tl.split(e)
+    o0, o1 = tl.split(o)
+    c0, c4 = tl.split(e0)
+    c2, c6 = tl.split(e1)
+    c1, c5 = tl.split(o0)
+    c3, c7 = tl.split(o1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_D: tl.constexpr):
+    """Inverse of _split8: eight (BLOCK_D,) columns -> (BLOCK_D, 8)."""
+    t0 = tl.join(tl.join(c0, c4), tl.join(c2, c6))           # (BLOCK_D, j2, j1) of j0 = 0
+    t1 = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    return tl.reshape(tl.join(t0, t1), [BLOCK_D, 8])
+
+
+@triton.jit
+def _rows8(ptr_row, t, end, stride_l, offs_d, mask_d, ALIGN: tl.constexpr):
+    """Tokens t .. t+7 of one row as a (BLOCK_D, 8) tile in storage dtype; tokens outside [0, end) read as 0."""
+    tt = t + tl.arange(0, TILE_L)
+    off = tl.multiple_of(tt.to(tl.int64) * stride_l, ALIGN)
+    return tl.load(ptr_row + off[None, :] + offs_d[:, None],
+                   mask=mask_d[:, None] & (tt[None, :] >= 0) & (tt[None, :] < end), other=0.0)
+
+
+@triton.jit
+def _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ: tl.constexpr):
+    """Document ids of tokens t .. t+7 as eight scalars (past the row's end: don't care)."""
+    if HAS_SEQ:
+        tt = t + tl.arange(0, TILE_L)
+        ids = tl.load(seq_row + tt * stride_sl, mask=(tt >= 0) & (tt < L), other=first_doc)
+        e, o = tl.split(tl.reshape(ids, [2, 2, 2]))
+        e0, e1 = tl.split(e)
+        o0, o1 = tl.split(o)
+        s0, s4 = tl.split(e0)
+        s2, s6 = tl.split(e1)
+        s1, s5 = tl.split(o0)
+        s3, s7 = tl.split(o1)
+        return s0, s1, s2, s3, s4, s5, s6, s7
+    else:
+        return first_doc, first_doc, first_doc, first_doc, first_doc, first_doc, first_doc, first_doc
+
+
+@triton.jit
+def _out(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, w0, w1, w2, w3, bias, HAS_SEQ: tl.constexpr, SILU: tl.constexpr):
+    """Output at one token from its window: the pre-activation, through SiLU when asked."""
+    u = _preact(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, w0, w1, w2, w3, bias, HAS_SEQ)
+    if SILU:
+        u = u * tl.sigmoid(u)
+    return u
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, y_ptr, final_ptr,
     L, D,
@@ -119,7 +179,6 @@ def _conv_fwd_kernel(
     stride_yb, stride_yl, stride_fb, stride_fd, stride_fk,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     WRITE_FINAL: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
-    UNROLL: tl.constexpr,
 ):
     pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -143,6 +202,7 @@ def _conv_fwd_kernel(
         first_doc = tl.load(seq_row)
 
     t0 = pid_l * CHUNK_L
+    end = tl.minimum(L, t0 + CHUNK_L)
     xm3 = _input(x_row, init_row, t0 - 3, L, stride_xl, stride_id, stride_ik, offs_d, mask_d, K, HAS_INIT, X_ALIGN)
     xm2 = _input(x_row, init_row, t0 - 2, L, stride_xl, stride_id, stride_ik, offs_d, mask_d, K, HAS_INIT, X_ALIGN)
     xm1 = _input(x_row, init_row, t0 - 1, L, stride_xl, stride_id, stride_ik, offs_d, mask_d, K, HAS_INIT, X_ALIGN)
@@ -150,17 +210,28 @@ def _conv_fwd_kernel(
     sm2 = _doc(seq_row, t0 - 2, L, stride_sl, first_doc, HAS_SEQ)
     sm1 = _doc(seq_row, t0 - 1, L, stride_sl, first_doc, HAS_SEQ)
 
-    for i in range(0, CHUNK_L, UNROLL):
-        for j in tl.static_range(UNROLL):
-            t = t0 + i + j
-            xt = _input(x_row, init_row, t, L, stride_xl, stride_id, stride_ik, offs_d, mask_d, K, False, X_ALIGN)
-            st = _doc(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
-            u = _preact(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, w0, w1, w2, w3, bias, HAS_SEQ)
-            if SILU:
-                u = u * tl.sigmoid(u)
-            tl.store(y_row + t.to(tl.int64) * stride_yl + offs_d, u.to(y_ptr.dtype.element_ty), mask=mask_d & (t < L))
-            xm3, xm2, xm1 = xm2, xm1, xt
-            sm3, sm2, sm1 = sm2, sm1, st
+    x_next = _rows8(x_row, t0, end, stride_xl, offs_d, mask_d, X_ALIGN)
+    for i in range(0, CHUNK_L, TILE_L):
+        t = t0 + i
+        x_cur = x_next
+        # the next tile's loads are issued before this tile's stores (which the compiler may not reorder)
+        x_next = _rows8(x_row, t + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x_cur.to(tl.float32), BLOCK_D)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
+        y0 = _out(xm3, xm2, xm1, x0, sm3, sm2, sm1, s0, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        y1 = _out(xm2, xm1, x0, x1, sm2, sm1, s0, s1, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        y2 = _out(xm1, x0, x1, x2, sm1, s0, s1, s2, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        y3 = _out(x0, x1, x2, x3, s0, s1, s2, s3, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        y4 = _out(x1, x2, x3, x4, s1, s2, s3, s4, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        y5 = _out(x2, x3, x4, x5, s2, s3, s4, s5, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        y6 = _out(x3, x4, x5, x6, s3, s4, s5, s6, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        y7 = _out(x4, x5, x6, x7, s4, s5, s6, s7, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        tt = t + tl.arange(0, TILE_L)
+        tl.store(y_row + tt.to(tl.int64)[None, :] * stride_yl + offs_d[:, None],
+                 _join8(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_D).to(y_ptr.dtype.element_ty),
+                 mask=mask_d[:, None] & (tt[None, :] < L))
+        xm3, xm2, xm1 = x5, x6, x7
+        sm3, sm2, sm1 = s5, s6, s7
 
     if WRITE_FINAL:
         # the row's last program stores the last K-1 inputs (from the initial state when the row is shorter)
@@ -173,57 +244,96 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_step(
-    t, t0, L, x_row, init_row, dy_row, dx_row, dinit_row, dfinal_row, seq_row, first_doc,
-    stride_xl, stride_id, stride_ik, stride_dyl, stride_dxl, stride_gid, stride_gik, stride_sl, stride_gfd,
-    stride_gfk, offs_d, mask_d, w0, w1, w2, w3, bias,
-    xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
-    K: tl.constexpr, CHUNK_L: tl.constexpr, WANT_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, OWN: tl.constexpr,
-):
-    """One token of the backward walk: the input-gradient g_t of token t (0 past the row's end), dx of token t-3,
-    and (OWN: t is one of this program's tokens) its weight/bias-gradient terms."""
-    xt = _input(x_row, init_row, t, L, stride_xl, stride_id, stride_ik, offs_d, mask_d, K, False, X_ALIGN)
-    st = _doc(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
-    live = mask_d & (t < L)
-    dy_off = tl.multiple_of(t.to(tl.int64) * stride_dyl, DY_ALIGN)
-    g = tl.load(dy_row + dy_off + offs_d, mask=live, other=0.0).to(tl.float32)
+def _input_grad(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, dy, w0, w1, w2, w3, bias, HAS_SEQ: tl.constexpr,
+                SILU: tl.constexpr):
+    """Gradient at the pre-activation of one token: dy through SiLU's derivative (pre-activation recomputed)."""
     if SILU:
         u = _preact(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, w0, w1, w2, w3, bias, HAS_SEQ)
         sig = tl.sigmoid(u)
-        g = g * sig * (1.0 + u * (1.0 - sig))
-    if OWN:
-        if HAS_SEQ:
-            dw0 += tl.where(sm3 == st, g * xm3, 0.0)
-            dw1 += tl.where(sm2 == st, g * xm2, 0.0)
-            dw2 += tl.where(sm1 == st, g * xm1, 0.0)
-        else:
-            dw0 += g * xm3
-            dw1 += g * xm2
-            dw2 += g * xm1
-        dw3 += g * xt
-        db += g
+        dy = dy * sig * (1.0 + u * (1.0 - sig))
+    return dy
 
-    # token s = t-3 feeds outputs s..s+3 through slots 3..0 (only those in its own document)
-    s = t - 3
-    dxs = w3 * gm3
+
+@triton.jit
+def _dx(g0, g1, g2, g3, s0, s1, s2, s3, w0, w1, w2, w3, HAS_SEQ: tl.constexpr):
+    """dx of token s from the pre-activation gradients of tokens s..s+3 (slots 3..0), those of its own document."""
+    d = w3 * g0
     if HAS_SEQ:
-        dxs += tl.where(sm3 == sm2, w2 * gm2, 0.0)
-        dxs += tl.where(sm3 == sm1, w1 * gm1, 0.0)
-        dxs += tl.where(sm3 == st, w0 * g, 0.0)
+        d += tl.where(s0 == s1, w2 * g1, 0.0)
+        d += tl.where(s0 == s2, w1 * g2, 0.0)
+        d += tl.where(s0 == s3, w0 * g3, 0.0)
     else:
-        dxs += w2 * gm2 + w1 * gm1 + w0 * g
+        d += w2 * g1 + w1 * g2 + w0 * g3
+    return d
+
+
+@triton.jit
+def _dw_terms(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, g, dw0, dw1, dw2, dw3, db, HAS_SEQ: tl.constexpr):
+    """One token's weight and bias gradient terms added to the program's sums."""
+    if HAS_SEQ:
+        dw0 += tl.where(sm3 == st, g * xm3, 0.0)
+        dw1 += tl.where(sm2 == st, g * xm2, 0.0)
+        dw2 += tl.where(sm1 == st, g * xm1, 0.0)
+    else:
+        dw0 += g * xm3
+        dw1 += g * xm2
+        dw2 += g * xm1
+    return dw0, dw1, dw2, dw3 + g * xt, db + g
+
+
+@triton.jit
+def _conv_bwd_tile(
+    t, t0, L, x_cur, dy_cur, seq_row, first_doc, dx_row, dinit_row, dfinal_row,
+    stride_sl, stride_dxl, stride_gid, stride_gik, stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3, bias,
+    xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
+    K: tl.constexpr, CHUNK_L: tl.constexpr, WANT_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, OWN: tl.constexpr,
+):
+    """Tokens t..t+7 of the backward walk: their pre-activation gradients, dx of tokens t-3..t+4 (stored where they
+    are this program's), and (OWN: t..t+7 are this program's tokens) their weight/bias-gradient terms."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x_cur.to(tl.float32), BLOCK_D)
+    d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dy_cur.to(tl.float32), BLOCK_D)
+    s0, s1, s2, s3, s4, s5, s6, s7 = _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
+    g0 = _input_grad(xm3, xm2, xm1, x0, sm3, sm2, sm1, s0, d0, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    g1 = _input_grad(xm2, xm1, x0, x1, sm2, sm1, s0, s1, d1, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    g2 = _input_grad(xm1, x0, x1, x2, sm1, s0, s1, s2, d2, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    g3 = _input_grad(x0, x1, x2, x3, s0, s1, s2, s3, d3, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    g4 = _input_grad(x1, x2, x3, x4, s1, s2, s3, s4, d4, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    g5 = _input_grad(x2, x3, x4, x5, s2, s3, s4, s5, d5, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    g6 = _input_grad(x3, x4, x5, x6, s3, s4, s5, s6, d6, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    g7 = _input_grad(x4, x5, x6, x7, s4, s5, s6, s7, d7, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    if OWN:
+        dw0, dw1, dw2, dw3, db = _dw_terms(xm3, xm2, xm1, x0, sm3, sm2, sm1, s0, g0, dw0, dw1, dw2, dw3, db, HAS_SEQ)
+        dw0, dw1, dw2, dw3, db = _dw_terms(xm2, xm1, x0, x1, sm2, sm1, s0, s1, g1, dw0, dw1, dw2, dw3, db, HAS_SEQ)
+        dw0, dw1, dw2, dw3, db = _dw_terms(xm1, x0, x1, x2, sm1, s0, s1, s2, g2, dw0, dw1, dw2, dw3, db, HAS_SEQ)
+        dw0, dw1, dw2, dw3, db = _dw_terms(x0, x1, x2, x3, s0, s1, s2, s3, g3, dw0, dw1, dw2, dw3, db, HAS_SEQ)
+        dw0, dw1, dw2, dw3, db = _dw_terms(x1, x2, x3, x4, s1, s2, s3, s4, g4, dw0, dw1, dw2, dw3, db, HAS_SEQ)
+        dw0, dw1, dw2, dw3, db = _dw_terms(x2, x3, x4, x5, s2, s3, s4, s5, g5, dw0, dw1, dw2, dw3, db, HAS_SEQ)
+        dw0, dw1, dw2, dw3, db = _dw_terms(x3, x4, x5, x6, s3, s4, s5, s6, g6, dw0, dw1, dw2, dw3, db, HAS_SEQ)
+        dw0, dw1, dw2, dw3, db = _dw_terms(x4, x5, x6, x7, s4, s5, s6, s7, g7, dw0, dw1, dw2, dw3, db, HAS_SEQ)
+
+    # dx of tokens s = t-3 .. t+4: each needs the gradients of s..s+3, all known now
+    dx = _join8(_dx(gm3, gm2, gm1, g0, sm3, sm2, sm1, s0, w0, w1, w2, w3, HAS_SEQ),
+                _dx(gm2, gm1, g0, g1, sm2, sm1, s0, s1, w0, w1, w2, w3, HAS_SEQ),
+                _dx(gm1, g0, g1, g2, sm1, s0, s1, s2, w0, w1, w2, w3, HAS_SEQ),
+                _dx(g0, g1, g2, g3, s0, s1, s2, s3, w0, w1, w2, w3, HAS_SEQ),
+                _dx(g1, g2, g3, g4, s1, s2, s3, s4, w0, w1, w2, w3, HAS_SEQ),
+                _dx(g2, g3, g4, g5, s2, s3, s4, s5, w0, w1, w2, w3, HAS_SEQ),
+                _dx(g3, g4, g5, g6, s3, s4, s5, s6, w0, w1, w2, w3, HAS_SEQ),
+                _dx(g4, g5, g6, g7, s4, s5, s6, s7, w0, w1, w2, w3, HAS_SEQ), BLOCK_D)
+    ss = t - 3 + tl.arange(0, TILE_L)
     if HAS_DFINAL:
-        jf = s - (L - (K - 1))
-        dxs += tl.load(dfinal_row + offs_d * stride_gfd + jf * stride_gfk, mask=mask_d & (jf >= 0) & (s < L),
-                       other=0.0).to(tl.float32)
-    tl.store(dx_row + s.to(tl.int64) * stride_dxl + offs_d, dxs.to(dx_row.dtype.element_ty),
-             mask=mask_d & (s >= t0) & (s < t0 + CHUNK_L) & (s >= 0) & (s < L))
+        jf = ss - (L - (K - 1))
+        dx += tl.load(dfinal_row + offs_d[:, None] * stride_gfd + jf[None, :] * stride_gfk,
+                      mask=mask_d[:, None] & (jf[None, :] >= 0) & (ss[None, :] < L), other=0.0).to(tl.float32)
+    tl.store(dx_row + ss.to(tl.int64)[None, :] * stride_dxl + offs_d[:, None], dx.to(dx_row.dtype.element_ty),
+             mask=mask_d[:, None] & (ss[None, :] >= t0) & (ss[None, :] < t0 + CHUNK_L) & (ss[None, :] >= 0)
+             & (ss[None, :] < L))
     if WANT_DINIT:
-        ji = s + (K - 1)
-        tl.store(dinit_row + offs_d * stride_gid + ji * stride_gik, dxs.to(dinit_row.dtype.element_ty),
-                 mask=mask_d & (s < 0) & (ji >= 0))
-    return xt, st, g, dw0, dw1, dw2, dw3, db
+        ji = ss + (K - 1)
+        tl.store(dinit_row + offs_d[:, None] * stride_gid + ji[None, :] * stride_gik,
+                 dx.to(dinit_row.dtype.element_ty), mask=mask_d[:, None] & (ss[None, :] < 0) & (ji[None, :] >= 0))
+    return x5, x6, x7, s5, s6, s7, g5, g6, g7, dw0, dw1, dw2, dw3, db
 
 
 @triton.jit
@@ -235,7 +345,7 @@ def _conv_bwd_kernel(
     stride_gib, stride_gid, stride_gik,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     WANT_DINIT: tl.constexpr, HAS_DFINAL: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-    X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr, UNROLL: tl.constexpr,
+    X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
 ):
     pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -262,14 +372,16 @@ def _conv_bwd_kernel(
         first_doc = tl.load(seq_row)
 
     t0 = pid_l * CHUNK_L
+    # the walk reads three tokens past the chunk (the next program's) to complete dx of the chunk's last three
+    end = tl.minimum(L, t0 + CHUNK_L + 3)
     xm3 = _input(x_row, init_row, t0 - 3, L, stride_xl, stride_id, stride_ik, offs_d, mask_d, K, HAS_INIT, X_ALIGN)
     xm2 = _input(x_row, init_row, t0 - 2, L, stride_xl, stride_id, stride_ik, offs_d, mask_d, K, HAS_INIT, X_ALIGN)
     xm1 = _input(x_row, init_row, t0 - 1, L, stride_xl, stride_id, stride_ik, offs_d, mask_d, K, HAS_INIT, X_ALIGN)
     sm3 = _doc(seq_row, t0 - 3, L, stride_sl, first_doc, HAS_SEQ)
     sm2 = _doc(seq_row, t0 - 2, L, stride_sl, first_doc, HAS_SEQ)
     sm1 = _doc(seq_row, t0 - 1, L, stride_sl, first_doc, HAS_SEQ)
-    # input-gradients of tokens t0-3..t0-1: only dx of tokens >= t0 (or the initial state) is emitted, which
-    # never reads them, except before the row's start where they are truly zero
+    # pre-activation gradients of tokens t0-3..t0-1: only dx of tokens >= t0 (or the initial state) is emitted,
+    # which never reads them, except before the row's start where they are truly zero
     gm3 = tl.zeros([BLOCK_D], dtype=tl.float32)
     gm2 = tl.zeros([BLOCK_D], dtype=tl.float32)
     gm1 = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -279,28 +391,25 @@ def _conv_bwd_kernel(
     dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    for i in range(0, CHUNK_L, UNROLL):
-        for j in tl.static_range(UNROLL):
-            xt, st, g, dw0, dw1, dw2, dw3, db = _conv_bwd_step(
-                t0 + i + j, t0, L, x_row, init_row, dy_row, dx_row, dinit_row, dfinal_row, seq_row, first_doc,
-                stride_xl, stride_id, stride_ik, stride_dyl, stride_dxl, stride_gid, stride_gik, stride_sl,
-                stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3, bias,
-                xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
-                K, CHUNK_L, WANT_DINIT, HAS_SEQ, SILU, HAS_DFINAL, X_ALIGN, DY_ALIGN, True)
-            xm3, xm2, xm1 = xm2, xm1, xt
-            sm3, sm2, sm1 = sm2, sm1, st
-            gm3, gm2, gm1 = gm2, gm1, g
-    # three tokens past the chunk (the next program's) complete dx of the chunk's last three tokens
-    for j in tl.static_range(3):
-        xt, st, g, dw0, dw1, dw2, dw3, db = _conv_bwd_step(
-            t0 + CHUNK_L + j, t0, L, x_row, init_row, dy_row, dx_row, dinit_row, dfinal_row, seq_row, first_doc,
-            stride_xl, stride_id, stride_ik, stride_dyl, stride_dxl, stride_gid, stride_gik, stride_sl,
-            stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3, bias,
-            xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
-            K, CHUNK_L, WANT_DINIT, HAS_SEQ, SILU, HAS_DFINAL, X_ALIGN, DY_ALIGN, False)
-        xm3, xm2, xm1 = xm2, xm1, xt
-        sm3, sm2, sm1 = sm2, sm1, st
-        gm3, gm2, gm1 = gm2, gm1, g
+    x_next = _rows8(x_row, t0, end, stride_xl, offs_d, mask_d, X_ALIGN)
+    dy_next = _rows8(dy_row, t0, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
+    for i in range(0, CHUNK_L, TILE_L):
+        t = t0 + i
+        x_cur, dy_cur = x_next, dy_next
+        # the next tile's loads are issued before this tile's stores (which the compiler may not reorder)
+        x_next = _rows8(x_row, t + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
+        dy_next = _rows8(dy_row, t + TILE_L, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
+        xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db = _conv_bwd_tile(
+            t, t0, L, x_cur, dy_cur, seq_row, first_doc, dx_row, dinit_row, dfinal_row,
+            stride_sl, stride_dxl, stride_gid, stride_gik, stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3,
+            bias, xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
+            K, CHUNK_L, WANT_DINIT, HAS_SEQ, SILU, HAS_DFINAL, BLOCK_D, True)
+    # the tile past the chunk (three live tokens) completes dx of the chunk's last three tokens
+    xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db = _conv_bwd_tile(
+        t0 + CHUNK_L, t0, L, x_next, dy_next, seq_row, first_doc, dx_row, dinit_row, dfinal_row,
+        stride_sl, stride_dxl, stride_gid, stride_gik, stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3,
+        bias, xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
+        K, CHUNK_L, WANT_DINIT, HAS_SEQ, SILU, HAS_DFINAL, BLOCK_D, False)
 
     part = (pid_b * tl.num_programs(1) + pid_l).to(tl.int64)
     if WANT_DW:
@@ -394,7 +503,7 @@ def _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch):
         y.stride(0), y.stride(1), *_strides3(final),
         K=k, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None,
         SILU=silu, WRITE_FINAL=want_final, X_ALIGN=_align(x), BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l,
-        UNROLL=launch.unroll, num_warps=launch.num_warps,
+        num_warps=launch.num_warps,
     )
     return y, final
 
@@ -424,7 +533,7 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
         K=k, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
         WANT_DINIT=dinit is not None, HAS_DFINAL=dfinal is not None, WANT_DW=want_dw, WANT_DB=want_db,
         X_ALIGN=_align(x), DY_ALIGN=_align(dy),
-        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l, UNROLL=launch.unroll, num_warps=launch.num_warps,
+        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l, num_warps=launch.num_warps,
     )
     # slot s of the window is weight column s - (4 - k)
     dw = dw_part.sum(0)[WINDOW - k:].t().to(weight.dtype) if want_dw else None
