@@ -50,19 +50,23 @@ class ConvLaunch:
                              f"of 2: {self}")
 
 
-def default_launch(b: int, l: int, d: int, device: torch.device) -> ConvLaunch:
-    """128 channels per program (a 256-byte bf16 row segment per token), one warp, and chunks of 32 tokens, fewer
-    when that leaves under about eight programs per SM (shorter chunks only add halo re-reads). Chosen from
-    `bench/conv_norm_kernels.py --sweep` on an H100 (2026-11-24, 14 launch shapes): best or within 2% of the best
-    for both passes at the 0.5B (4 x 2K) and 7B (1 x 8K) shapes, with and without the weight gradient; 256 channels
-    and 64-token chunks (the earlier default) were 5-14% slower. Both passes take this shape."""
+def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bool = False) -> ConvLaunch:
+    """Launch shape of one pass, chosen from `bench/conv_norm_kernels.py --sweep` on an H100 (2026-11-24, tiled
+    kernels, 0.5B and 7B shapes from 1 x 2K to 4 x 32K tokens; docs/benchmarks.md, eighth session).
+    Forward: 128 channels x 32 tokens, two warps: best or within 1% of the best of six shapes everywhere.
+    Backward: 128 channels, four warps (one 16-byte vector per thread: its tiles hold x, dy, the gradients and dx),
+    128-token chunks when that still leaves about six programs per SM, else 64 (else 32): best or within 2% of
+    the best of eleven shapes at all but the smallest (0.5B, 1 x 2K: 6% off), where longer chunks halve the
+    3-token re-reads at each chunk's end and the weight-gradient partials."""
     block_d = 128 if d > 64 else triton.next_power_of_2(max(d, 16))
-    n_d = triton.cdiv(d, block_d)
-    target = 8 * sm_count(device, cpu_default=8)
-    chunk = 32
-    while chunk > 16 and b * n_d * triton.cdiv(l, chunk) < target:
+    if not backward:
+        return ConvLaunch(block_d=block_d, chunk_l=32, num_warps=2)
+    sms = sm_count(device, cpu_default=8)
+    programs = b * triton.cdiv(d, block_d)
+    chunk = 128
+    while chunk > 32 and programs * triton.cdiv(l, chunk) < (6 if chunk == 128 else 2) * sms:
         chunk //= 2
-    return ConvLaunch(block_d=block_d, chunk_l=chunk, num_warps=1)
+    return ConvLaunch(block_d=block_d, chunk_l=chunk, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -545,7 +549,8 @@ class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, seq_idx, silu, want_final, launch):
         x = _unit_channel_stride(x)
-        y, final = _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch)
+        y, final = _forward(x, weight, bias, initial_state, seq_idx, silu, want_final,
+                            launch or default_launch(*x.shape, x.device))
         ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
         ctx.silu, ctx.launch = silu, launch
         ctx.set_materialize_grads(False)
@@ -558,13 +563,15 @@ class _CausalConv1dFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dw, db, dinit = _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, ctx.silu,
                                       want_dw=need[1], want_db=bias is not None and need[2],
-                                      want_dinit=need[3], launch=ctx.launch)
+                                      want_dinit=need[3],
+                                      launch=ctx.launch or default_launch(*x.shape, x.device, backward=True))
         return dx, dw, db, dinit, None, None, None, None
 
 
 def causal_conv1d_triton(x, weight, bias=None, *, activation: str | None = "silu", seq_idx=None, initial_state=None,
                          return_final_state: bool = False, launch: ConvLaunch | None = None):
-    """Same contract as `causal_conv1d_ref`; `launch` fixes the launch shape of both passes (tests, sweeps)."""
+    """Same contract as `causal_conv1d_ref`; `launch` fixes the launch shape of both passes (tests, sweeps), else
+    each pass takes its own `default_launch`."""
     _check(x, weight, activation)
     b, l, d = x.shape
     if initial_state is not None and tuple(initial_state.shape) != (b, d, weight.shape[1] - 1):
@@ -578,7 +585,7 @@ def causal_conv1d_triton(x, weight, bias=None, *, activation: str | None = "silu
                                  return_final_state=return_final_state)
     bias = bias.contiguous() if bias is not None else None        # the kernels index bias by channel directly
     return _CausalConv1dFn.apply(x, weight, bias, initial_state, seq_idx, activation == "silu",
-                                 return_final_state, launch or default_launch(b, l, d, x.device))
+                                 return_final_state, launch)
 
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation: str | None = "silu",
