@@ -1,8 +1,8 @@
 """Benchmark: the causal conv1d and (gated) RMSNorm Triton kernels against their PyTorch references, one GPU.
 
     python bench/conv_norm_kernels.py            # 0.5B (batch 4 x 2048) and 7B (batch 1 x 8192) shapes, bf16
-    python bench/conv_norm_kernels.py --sweep    # also conv launch shapes (to choose conv_triton defaults) and
-                                                 # plain copies of the same bytes (what streaming reaches here)
+    python bench/conv_norm_kernels.py --sweep    # also conv launch shapes, each pass alone (to choose
+                                                 # conv_triton.default_launch), and plain copies of the same bytes
     python bench/conv_norm_kernels.py --grid     # the conv alone over the Mamba issue's grid: 0.5B and 7B, batch 1
                                                  # and 4, 2K/8K/32K tokens, also on a contiguous x (diagnostic)
 
@@ -41,9 +41,11 @@ HBM_BYTES_PER_S = 3.35e12
 SHAPES = [("0.5B", 4, 2048), ("7B", 1, 8192)]
 GRID = [(shape, b, l) for shape in ("0.5B", "7B") for b in (1, 4) for l in (2048, 8192, 32768)]
 DTYPE = torch.bfloat16
-SWEEP = [ConvLaunch(128, 32, 1), ConvLaunch(128, 64, 1), ConvLaunch(128, 64, 2), ConvLaunch(256, 32, 1),
-         ConvLaunch(256, 32, 2), ConvLaunch(256, 64, 2), ConvLaunch(64, 32, 1), ConvLaunch(128, 16, 1),
-         ConvLaunch(128, 128, 1), ConvLaunch(512, 32, 4)]
+FORWARD_SWEEP = [ConvLaunch(128, 32, 1), ConvLaunch(128, 32, 2), ConvLaunch(128, 16, 1), ConvLaunch(64, 32, 1),
+                 ConvLaunch(128, 64, 1), ConvLaunch(256, 32, 2)]
+BACKWARD_SWEEP = [ConvLaunch(128, 32, 2), ConvLaunch(128, 64, 2), ConvLaunch(128, 128, 2), ConvLaunch(128, 256, 2),
+                  ConvLaunch(128, 64, 4), ConvLaunch(128, 128, 4), ConvLaunch(256, 64, 4), ConvLaunch(64, 64, 1),
+                  ConvLaunch(64, 128, 1), ConvLaunch(128, 16, 2), ConvLaunch(256, 128, 4)]
 
 
 def timed(fn) -> float:
@@ -125,11 +127,8 @@ def conv_case(cfg, shape, b, l, sweep, contiguous_x=False, with_reference=True, 
     n = b * l * d * DTYPE.itemsize
     impls = ([("torch-ref", causal_conv1d_ref)] if with_reference else []) + [("triton", causal_conv1d_triton)]
     if sweep:
-        for launch in SWEEP:
-            impls.append((f"triton[bd={launch.block_d},cl={launch.chunk_l},w={launch.num_warps}]",
-                          lambda *a, launch=launch: causal_conv1d_triton(*a, launch=launch)))
-    if sweep:
         copy_calibration(shape, b, l, x, n, channels=d)
+        launch_sweep(shape, b, l, x, cfg.mamba_d_conv, n, gen)
     for weight_grad in weight_grads:  # full fine-tuning; LoRA (conv weights frozen)
         w = (torch.randn(d, cfg.mamba_d_conv, device="cuda", generator=gen) * 0.3).to(DTYPE)
         bias = (torch.randn(d, device="cuda", generator=gen) * 0.1).to(DTYPE)
@@ -137,6 +136,29 @@ def conv_case(cfg, shape, b, l, sweep, contiguous_x=False, with_reference=True, 
         bias.requires_grad_(weight_grad)
         bench_pair("causal_conv1d", shape, b, l, impls, [x, w, bias], cot, 2 * n, 4 * n, 5 * n, channels=d,
                    weight_grad=weight_grad, x_layout="contiguous" if contiguous_x else "in_proj slice")
+
+
+def launch_sweep(shape, b, l, x, k, n, gen):
+    """Kernel time of each pass alone under each launch shape of the sweep lists (bias, SiLU, no seq_idx), the
+    backward with frozen weights and with the weight and bias gradients."""
+    from gyrfalcon.ops.conv_triton import _backward, _forward
+
+    d = x.shape[-1]
+    x = x.detach()
+    w = (torch.randn(d, k, device="cuda", generator=gen) * 0.3).to(DTYPE)
+    bias = (torch.randn(d, device="cuda", generator=gen) * 0.1).to(DTYPE)
+    dy = torch.randn(b, l, d, device="cuda", dtype=DTYPE, generator=gen)
+    floor_ms = {"fwd": 2 * n / HBM_BYTES_PER_S * 1e3, "bwd": 3 * n / HBM_BYTES_PER_S * 1e3}
+    runs = [("fwd", launch, False, lambda launch=launch: _forward(x, w, bias, None, None, True, False, launch))
+            for launch in FORWARD_SWEEP]
+    runs += [("bwd", launch, want_dw, lambda launch=launch, want_dw=want_dw: _backward(
+                 x, w, bias, None, None, dy, None, True, want_dw, want_dw, False, launch))
+             for launch in BACKWARD_SWEEP for want_dw in (False, True)]
+    for pas, launch, want_dw, fn in runs:
+        ms = kernel_ms(fn)
+        print(json.dumps({"op": "causal_conv1d_launch", "shape": shape, "batch": b, "seqlen": l, "pass": pas,
+                          "launch": [launch.block_d, launch.chunk_l, launch.num_warps], "weight_grad": want_dw,
+                          "kernel_ms": round(ms, 5), "kernel_over_floor": round(ms / floor_ms[pas], 3)}), flush=True)
 
 
 def copy_calibration(shape, b, l, x, n, **extra):
@@ -187,7 +209,8 @@ def gated_case(cfg, shape, b, l):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also time a few conv launch shapes")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time conv launch shapes (each pass alone) and plain copies of the same bytes")
     parser.add_argument("--grid", action="store_true",
                         help="only the conv, over 0.5B/7B x batch 1/4 x 2K/8K/32K (reference at 2K only), on the "
                              "model's strided x and on a contiguous copy")
@@ -197,7 +220,7 @@ def main():
     if args.grid:
         for shape, b, l in GRID:
             cfg = FalconH1Config.from_preset(shape)
-            conv_case(cfg, shape, b, l, args.sweep, with_reference=l == 2048)
+            conv_case(cfg, shape, b, l, args.sweep, with_reference=l == 2048)  # --grid --sweep: < 6 min
             conv_case(cfg, shape, b, l, False, contiguous_x=True, with_reference=False, weight_grads=(False,))
         return
     for shape, b, l in SHAPES:
