@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -33,21 +34,33 @@ from gyrfalcon.step_graph import GraphedTrainStep
 KINDS = (  # first match wins; names as CUDA reports them
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "splitk")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
-    ("ssd_triton", ("_ssd", "ssd_", "chunk_", "_state")),
-    ("conv_triton", ("conv",)),
-    ("norm_triton", ("norm", "rms")),
+    ("conv_triton", ("_conv_",)),
+    ("ssd_triton", ("_ssd", "ssd_", "chunk_", "_fwd_out_", "_fwd_state_", "_bwd_d", "_bwd_state_", "_prep_")),
+    ("norm_triton", ("norm", "rms", "_gated_")),
+    ("swiglu_rope_triton", ("_swiglu", "_rope")),
     ("loss", ("cross_entropy", "log_softmax", "logsumexp", "_ce_")),
     ("copy_cast", ("copy", "cast", "to_", "convert", "contiguous")),
     ("reduce", ("reduce",)),
     ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton_poi")),
 )
+THIN_TILE = 64  # cuBLAS tiles no wider than this in both dims: the rank-r products of the adapters
+
+
+def thin_matmul(name: str) -> bool:
+    """A cuBLAS kernel of the kind the LoRA adapters' rank-16 products get (nvjet_sm90_tst_MxN_..., M and N <= 64,
+    and the split-K reductions, nearly all of which follow those): thin products the big projections do not use."""
+    low = name.lower()
+    if "splitkreduce" in low:
+        return True
+    match = re.search(r"nvjet_sm90_tst_(\d+)x(\d+)_", low)
+    return bool(match) and max(int(match.group(1)), int(match.group(2))) <= THIN_TILE
 
 
 def kind_of(name: str) -> str:
     low = name.lower()
     for kind, keys in KINDS:
         if any(k in low for k in keys):
-            return kind
+            return "matmul_thin" if kind == "matmul" and thin_matmul(name) else kind
     return "other"
 
 

@@ -54,18 +54,18 @@ class ConvLaunch:
 def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bool = False) -> ConvLaunch:
     """Launch shape of one pass, chosen from `bench/conv_norm_kernels.py --sweep` on an H100 (2026-11-24, tiled
     kernels, 0.5B and 7B shapes from 1 x 2K to 4 x 32K tokens; docs/benchmarks.md, eighth session).
-    Forward: 128 channels x 32 tokens, two warps: best or within 1% of the best of six shapes everywhere.
+    Forward: 128 channels x 32 tokens, two warps: within 6% of the best of up to ten shapes everywhere.
     Backward: 128 channels, four warps (one 16-byte vector per thread: its tiles hold x, dy, the gradients and dx),
-    128-token chunks when that still leaves about six programs per SM, else 64 (else 32): best or within 2% of
-    the best of eleven shapes at all but the smallest (0.5B, 1 x 2K: 6% off), where longer chunks halve the
-    3-token re-reads at each chunk's end and the weight-gradient partials."""
+    128-token chunks when that still leaves about six programs per SM, else 64 while four, else 32: the best or
+    within 2% of it at every point swept (up to fifteen shapes); longer chunks halve the 3-token re-reads at each
+    chunk's end and the weight-gradient partials, shorter ones keep small inputs' SMs busy."""
     block_d = 128 if d > 64 else triton.next_power_of_2(max(d, 16))
     if not backward:
         return ConvLaunch(block_d=block_d, chunk_l=32, num_warps=2)
     sms = sm_count(device, cpu_default=8)
     programs = b * triton.cdiv(d, block_d)
     chunk = 128
-    while chunk > 32 and programs * triton.cdiv(l, chunk) < (6 if chunk == 128 else 2) * sms:
+    while chunk > 32 and programs * triton.cdiv(l, chunk) < (6 if chunk == 128 else 4) * sms:
         chunk //= 2
     return ConvLaunch(block_d=block_d, chunk_l=chunk, num_warps=4)
 
