@@ -177,6 +177,29 @@ def _out(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, w0, w1, w2, w3, bias, HAS_SEQ: tl
 
 
 @triton.jit
+def _one_doc(sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7):
+    """Whether a tile's tokens and the three before them lie in one document (scalar): then no window slot needs
+    masking, and the tile takes the unmasked arithmetic (packed documents are hundreds of tokens long)."""
+    return ((sm3 == sm2) & (sm2 == sm1) & (sm1 == s0) & (s0 == s1) & (s1 == s2) & (s2 == s3) & (s3 == s4)
+            & (s4 == s5) & (s5 == s6) & (s6 == s7))
+
+
+@triton.jit
+def _fwd_tile_math(xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
+                   w0, w1, w2, w3, bias, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Outputs of tokens t..t+7 as a (BLOCK_D, 8) fp32 tile, from inputs t-3..t+7 and their documents."""
+    y0 = _out(xm3, xm2, xm1, x0, sm3, sm2, sm1, s0, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    y1 = _out(xm2, xm1, x0, x1, sm2, sm1, s0, s1, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    y2 = _out(xm1, x0, x1, x2, sm1, s0, s1, s2, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    y3 = _out(x0, x1, x2, x3, s0, s1, s2, s3, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    y4 = _out(x1, x2, x3, x4, s1, s2, s3, s4, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    y5 = _out(x2, x3, x4, x5, s2, s3, s4, s5, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    y6 = _out(x3, x4, x5, x6, s3, s4, s5, s6, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    y7 = _out(x4, x5, x6, x7, s4, s5, s6, s7, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+    return _join8(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_D)
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, y_ptr, final_ptr,
     L, D,
@@ -223,17 +246,18 @@ def _conv_fwd_kernel(
         x_next = _rows8(x_row, t + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x_cur.to(tl.float32), BLOCK_D)
         s0, s1, s2, s3, s4, s5, s6, s7 = _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
-        y0 = _out(xm3, xm2, xm1, x0, sm3, sm2, sm1, s0, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
-        y1 = _out(xm2, xm1, x0, x1, sm2, sm1, s0, s1, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
-        y2 = _out(xm1, x0, x1, x2, sm1, s0, s1, s2, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
-        y3 = _out(x0, x1, x2, x3, s0, s1, s2, s3, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
-        y4 = _out(x1, x2, x3, x4, s1, s2, s3, s4, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
-        y5 = _out(x2, x3, x4, x5, s2, s3, s4, s5, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
-        y6 = _out(x3, x4, x5, x6, s3, s4, s5, s6, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
-        y7 = _out(x4, x5, x6, x7, s4, s5, s6, s7, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        if HAS_SEQ:
+            if _one_doc(sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7):
+                y = _fwd_tile_math(xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3,
+                                   s4, s5, s6, s7, w0, w1, w2, w3, bias, False, SILU, BLOCK_D)
+            else:
+                y = _fwd_tile_math(xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3,
+                                   s4, s5, s6, s7, w0, w1, w2, w3, bias, True, SILU, BLOCK_D)
+        else:
+            y = _fwd_tile_math(xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3,
+                               s4, s5, s6, s7, w0, w1, w2, w3, bias, False, SILU, BLOCK_D)
         tt = t + tl.arange(0, TILE_L)
-        tl.store(y_row + tt.to(tl.int64)[None, :] * stride_yl + offs_d[:, None],
-                 _join8(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_D).to(y_ptr.dtype.element_ty),
+        tl.store(y_row + tt.to(tl.int64)[None, :] * stride_yl + offs_d[:, None], y.to(y_ptr.dtype.element_ty),
                  mask=mask_d[:, None] & (tt[None, :] < L))
         xm3, xm2, xm1 = x5, x6, x7
         sm3, sm2, sm1 = s5, s6, s7
@@ -287,18 +311,11 @@ def _dw_terms(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, g, dw0, dw1, dw2, dw3, db, H
 
 
 @triton.jit
-def _conv_bwd_tile(
-    t, t0, L, x_cur, dy_cur, seq_row, first_doc, dx_row, dinit_row, dfinal_row,
-    stride_sl, stride_dxl, stride_gid, stride_gik, stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3, bias,
-    xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
-    K: tl.constexpr, CHUNK_L: tl.constexpr, WANT_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, OWN: tl.constexpr,
-):
-    """Tokens t..t+7 of the backward walk: their pre-activation gradients, dx of tokens t-3..t+4 (stored where they
-    are this program's), and (OWN: t..t+7 are this program's tokens) their weight/bias-gradient terms."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x_cur.to(tl.float32), BLOCK_D)
-    d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dy_cur.to(tl.float32), BLOCK_D)
-    s0, s1, s2, s3, s4, s5, s6, s7 = _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
+def _bwd_tile_math(xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
+                   gm3, gm2, gm1, d0, d1, d2, d3, d4, d5, d6, d7, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+                   HAS_SEQ: tl.constexpr, SILU: tl.constexpr, OWN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pre-activation gradients g of tokens t..t+7 (from dy d0..d7), dx of tokens t-3..t+4 as a (BLOCK_D, 8) fp32
+    tile (each needs the gradients of s..s+3, with gm3..gm1 those of t-3..t-1), and, OWN, the weight terms."""
     g0 = _input_grad(xm3, xm2, xm1, x0, sm3, sm2, sm1, s0, d0, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
     g1 = _input_grad(xm2, xm1, x0, x1, sm2, sm1, s0, s1, d1, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
     g2 = _input_grad(xm1, x0, x1, x2, sm1, s0, s1, s2, d2, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
@@ -316,8 +333,6 @@ def _conv_bwd_tile(
         dw0, dw1, dw2, dw3, db = _dw_terms(x2, x3, x4, x5, s2, s3, s4, s5, g5, dw0, dw1, dw2, dw3, db, HAS_SEQ)
         dw0, dw1, dw2, dw3, db = _dw_terms(x3, x4, x5, x6, s3, s4, s5, s6, g6, dw0, dw1, dw2, dw3, db, HAS_SEQ)
         dw0, dw1, dw2, dw3, db = _dw_terms(x4, x5, x6, x7, s4, s5, s6, s7, g7, dw0, dw1, dw2, dw3, db, HAS_SEQ)
-
-    # dx of tokens s = t-3 .. t+4: each needs the gradients of s..s+3, all known now
     dx = _join8(_dx(gm3, gm2, gm1, g0, sm3, sm2, sm1, s0, w0, w1, w2, w3, HAS_SEQ),
                 _dx(gm2, gm1, g0, g1, sm2, sm1, s0, s1, w0, w1, w2, w3, HAS_SEQ),
                 _dx(gm1, g0, g1, g2, sm1, s0, s1, s2, w0, w1, w2, w3, HAS_SEQ),
@@ -326,6 +341,39 @@ def _conv_bwd_tile(
                 _dx(g2, g3, g4, g5, s2, s3, s4, s5, w0, w1, w2, w3, HAS_SEQ),
                 _dx(g3, g4, g5, g6, s3, s4, s5, s6, w0, w1, w2, w3, HAS_SEQ),
                 _dx(g4, g5, g6, g7, s4, s5, s6, s7, w0, w1, w2, w3, HAS_SEQ), BLOCK_D)
+    return dx, g5, g6, g7, dw0, dw1, dw2, dw3, db
+
+
+@triton.jit
+def _conv_bwd_tile(
+    t, t0, L, x_cur, dy_cur, seq_row, first_doc, dx_row, dinit_row, dfinal_row,
+    stride_sl, stride_dxl, stride_gid, stride_gik, stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3, bias,
+    xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
+    K: tl.constexpr, CHUNK_L: tl.constexpr, WANT_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, OWN: tl.constexpr,
+):
+    """Tokens t..t+7 of the backward walk: their pre-activation gradients, dx of tokens t-3..t+4 (stored where they
+    are this program's), and (OWN: t..t+7 are this program's tokens) their weight/bias-gradient terms."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x_cur.to(tl.float32), BLOCK_D)
+    d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dy_cur.to(tl.float32), BLOCK_D)
+    s0, s1, s2, s3, s4, s5, s6, s7 = _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
+    if HAS_SEQ:
+        if _one_doc(sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7):
+            dx, g5, g6, g7, dw0, dw1, dw2, dw3, db = _bwd_tile_math(
+                xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
+                gm3, gm2, gm1, d0, d1, d2, d3, d4, d5, d6, d7, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+                False, SILU, OWN, BLOCK_D)
+        else:
+            dx, g5, g6, g7, dw0, dw1, dw2, dw3, db = _bwd_tile_math(
+                xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
+                gm3, gm2, gm1, d0, d1, d2, d3, d4, d5, d6, d7, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+                True, SILU, OWN, BLOCK_D)
+    else:
+        dx, g5, g6, g7, dw0, dw1, dw2, dw3, db = _bwd_tile_math(
+            xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
+            gm3, gm2, gm1, d0, d1, d2, d3, d4, d5, d6, d7, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+            False, SILU, OWN, BLOCK_D)
+
     ss = t - 3 + tl.arange(0, TILE_L)
     if HAS_DFINAL:
         jf = ss - (L - (K - 1))
