@@ -40,10 +40,11 @@ TILE_L = tl.constexpr(8)  # tokens per load and store: the walk's tiles
 
 @dataclass(frozen=True)
 class ConvLaunch:
-    """Launch shape of the sequence kernels: channels per program, tokens per program, warps."""
+    """Launch shape of the sequence kernels: channels per program, tokens per program, warps (defaults: the
+    forward's `default_launch` at 128 channels and more)."""
     block_d: int = 128
     chunk_l: int = 32
-    num_warps: int = 1
+    num_warps: int = 2
 
     def __post_init__(self):
         if self.chunk_l % TILE_L.value or self.chunk_l < TILE_L.value or self.block_d & (self.block_d - 1):
@@ -54,6 +55,7 @@ class ConvLaunch:
 def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bool = False) -> ConvLaunch:
     """Launch shape of one pass, chosen from `bench/conv_norm_kernels.py --sweep` on an H100 (2026-11-24, tiled
     kernels, 0.5B and 7B shapes from 1 x 2K to 4 x 32K tokens; docs/benchmarks.md, eighth session).
+    Both passes: 128 channels per program (fewer channels: the next power of two, at least 16).
     Forward: 128 channels x 32 tokens, two warps: within 6% of the best of up to ten shapes everywhere.
     Backward: 128 channels, four warps (one 16-byte vector per thread: its tiles hold x, dy, the gradients and dx),
     128-token chunks when that still leaves about six programs per SM, else 64 while four, else 32: the best or
@@ -120,9 +122,9 @@ def _preact(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, w0, w1, w2, w3, bias, HAS_SEQ:
 
 
 @triton.jit
-def _split8(tile, BLOCK_D: tl.constexpr):
-    """tile (BLOCK_D, 8), token j in column j -> its eight columns (BLOCK_D,) each, in token order."""
-    e, o = tl.split(tl.reshape(tile, [BLOCK_D, 2, 2, 2]))    # column j = 4*j2 + 2*j1 + j0: split j0, then j1, j2
+def _split222(t):
+    """t (..., 2, 2, 2) holding 8 items, item j at [..., j // 4, (j // 2) % 2, j % 2] -> the 8 items (...) in order."""
+    e, o = tl.split(t)                                        # j0 = 0 / 1, then j1, then j2
     e0, e1 = tl.split(e)
     o0, o1 = tl.split(o)
     c0, c4 = tl.split(e0)
@@ -130,6 +132,12 @@ def _split8(tile, BLOCK_D: tl.constexpr):
     c1, c5 = tl.split(o0)
     c3, c7 = tl.split(o1)
     return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _split8(tile, BLOCK_D: tl.constexpr):
+    """tile (BLOCK_D, 8), token j in column j -> its eight columns (BLOCK_D,) each, in token order."""
+    return _split222(tl.reshape(tile, [BLOCK_D, 2, 2, 2]))
 
 
 @triton.jit
@@ -155,14 +163,7 @@ def _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ: tl.constexpr):
     if HAS_SEQ:
         tt = t + tl.arange(0, TILE_L)
         ids = tl.load(seq_row + tt * stride_sl, mask=(tt >= 0) & (tt < L), other=first_doc)
-        e, o = tl.split(tl.reshape(ids, [2, 2, 2]))
-        e0, e1 = tl.split(e)
-        o0, o1 = tl.split(o)
-        s0, s4 = tl.split(e0)
-        s2, s6 = tl.split(e1)
-        s1, s5 = tl.split(o0)
-        s3, s7 = tl.split(o1)
-        return s0, s1, s2, s3, s4, s5, s6, s7
+        return _split222(tl.reshape(ids, [2, 2, 2]))
     else:
         return first_doc, first_doc, first_doc, first_doc, first_doc, first_doc, first_doc, first_doc
 
@@ -199,7 +200,7 @@ def _fwd_tile_math(xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1,
     return _join8(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # L = 1 would become a constant, and the final-state loop's tokens plain ints
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, y_ptr, final_ptr,
     L, D,
@@ -350,22 +351,19 @@ def _conv_bwd_tile(
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x_cur.to(tl.float32), BLOCK_D)
     d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dy_cur.to(tl.float32), BLOCK_D)
     s0, s1, s2, s3, s4, s5, s6, s7 = _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
+    one_doc = True
     if HAS_SEQ:
-        if _one_doc(sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7):
-            dx, g5, g6, g7, dw0, dw1, dw2, dw3, db = _bwd_tile_math(
-                xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
-                gm3, gm2, gm1, d0, d1, d2, d3, d4, d5, d6, d7, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
-                False, SILU, OWN, BLOCK_D)
-        else:
-            dx, g5, g6, g7, dw0, dw1, dw2, dw3, db = _bwd_tile_math(
-                xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
-                gm3, gm2, gm1, d0, d1, d2, d3, d4, d5, d6, d7, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
-                True, SILU, OWN, BLOCK_D)
-    else:
+        one_doc = _one_doc(sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7)
+    if one_doc:             # always, without documents (a compile-time branch then)
         dx, g5, g6, g7, dw0, dw1, dw2, dw3, db = _bwd_tile_math(
             xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
             gm3, gm2, gm1, d0, d1, d2, d3, d4, d5, d6, d7, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
             False, SILU, OWN, BLOCK_D)
+    else:
+        dx, g5, g6, g7, dw0, dw1, dw2, dw3, db = _bwd_tile_math(
+            xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1, s0, s1, s2, s3, s4, s5, s6, s7,
+            gm3, gm2, gm1, d0, d1, d2, d3, d4, d5, d6, d7, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+            True, SILU, OWN, BLOCK_D)
 
     ss = t - 3 + tl.arange(0, TILE_L)
     if HAS_DFINAL:
@@ -522,9 +520,11 @@ def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _align(t: torch.Tensor) -> int:
-    """Largest power of two (<= 16) dividing every stride of t that matters (all but unit-size dims')."""
+    """Largest power of two (<= 16) dividing t's batch and token strides (those of dims longer than 1): the kernels
+    add multiples of them to a row pointer and say so (`tl.multiple_of`), which lets channel-contiguous loads be
+    16-byte vectors. The channel dim (stride 1) is not a row stride: counting it made this 1 whatever the layout."""
     align = 16
-    for size, stride in zip(t.shape, t.stride()):
+    for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
         while size > 1 and stride % align:
             align //= 2
     return align
