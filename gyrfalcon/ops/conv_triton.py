@@ -14,8 +14,9 @@ evaluated once per element. The walk moves 8 tokens at a time: one (block_d, 8) 
 (16-byte accesses), split into token columns in registers (`_split8`/`_join8`), and the next tile is loaded before
 the current one is stored. Row by row, each load sat behind the previous token's store (the compiler may not move a
 load above a store that could alias it), one 256-byte load in flight per warp: a plain copy walking that way takes
-1.42x its bandwidth floor at 7B 4 x 32K, 8 rows at a time 1.23x (`bench/conv_access_patterns.py`), and the conv
-forward went from 1.53x to 1.30x (docs/benchmarks.md, eighth session).
+1.42x its bandwidth floor at 7B 4 x 32K, 8 rows at a time 1.23x (`bench/conv_access_patterns.py`); the conv
+forward went from 1.53x to 1.30x, and to 1.18x once its loads were 16-byte vectors too (docs/benchmarks.md, eighth
+session).
 
 Backward recomputes the pre-activation from x (reading x again is cheaper than storing it) and emits dx for tokens
 t-3..t+4 when it has the input-gradients of tokens t..t+7 (dx[s] needs those of s..s+3). Weight and bias gradients
@@ -60,7 +61,9 @@ def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bo
     Backward: 128 channels, four warps (one 16-byte vector per thread: its tiles hold x, dy, the gradients and dx),
     128-token chunks when that still leaves about six programs per SM, else 64 while four, else 32: the best or
     within 2% of it at every point swept (up to fifteen shapes); longer chunks halve the 3-token re-reads at each
-    chunk's end and the weight-gradient partials, shorter ones keep small inputs' SMs busy."""
+    chunk's end and the weight-gradient partials, shorter ones keep small inputs' SMs busy. Swept again once the
+    loads were 16-byte vectors: the defaults stay within 11% of the best shape there (7B 1 x 8K: 128 x 32 on two
+    warps 9% faster without weight gradients, 24% slower with them), and no other rule won everywhere."""
     block_d = 128 if d > 64 else triton.next_power_of_2(max(d, 16))
     if not backward:
         return ConvLaunch(block_d=block_d, chunk_l=32, num_warps=2)
