@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from gyrfalcon.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
-from gyrfalcon.ops.conv_triton import (ConvLaunch, causal_conv1d_triton,  # noqa: E402
+from gyrfalcon.ops.conv_triton import (ConvLaunch, _align, causal_conv1d_triton,  # noqa: E402
                                        causal_conv1d_update_triton)
 from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
@@ -169,6 +169,16 @@ def test_initial_state_without_gradient_still_feeds_the_backward():
     assert len(grads) == 3
     for got, want in zip(outs + grads, outs64 + grads64):
         assert rel_err(got, want) <= 1e-5
+
+
+def test_alignment_hint_counts_batch_and_token_strides_only():
+    """The kernels' row offsets are multiples of _align(x): the channel dim's unit stride must not count, or the hint
+    is 1 and every GPU load is a 2-byte one (it was, until the eighth session)."""
+    zxbcdt = torch.zeros(2, 5, 3352)                                     # 0.5B: in_proj width 3352 = 8 x 419
+    assert _align(zxbcdt[..., 1536:1536 + 1792]) == 8
+    assert _align(torch.zeros(2, 7, 48)) == 16
+    assert _align(torch.zeros(3, 4, 6)) == 2
+    assert _align(torch.zeros(1, 1, 5)) == 16                            # length-1 dims have no stride to honour
 
 
 def test_bad_arguments_raise():
