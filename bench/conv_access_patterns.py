@@ -10,7 +10,9 @@ itself (`conv_triton._forward`, its default launch) and PyTorch's copies. One JS
     {"shape", "batch", "seqlen", "layout", "impl", "ms", "x_floor"}
 ms is the kernels' GPU time (torch.profiler); x_floor = ms over the 2 passes' bytes at 3.35 TB/s.
 Results: bench/results/2026-11-24_h100_conv_access_session8_d5bf676.jsonl (run with an earlier form of this
-script, which also timed a prototype of the tiled forward; `prod` there is the row-walking kernel of `d5bf676`).
+script, which also timed a prototype of the tiled forward; `prod` there is the row-walking kernel of `d5bf676`; its
+alignment hint was 1, as the conv kernels' was then, so every load there was 2 bytes wide: this form loads 16-byte
+vectors wherever the strides allow).
 """
 
 from __future__ import annotations
