@@ -13,13 +13,14 @@ window: no element is loaded twice except the 3-token halo at the chunk's start 
 evaluated once per element. The walk moves 8 tokens at a time: one (block_d, 8) tile load and one tile store
 (16-byte accesses), split into token columns in registers (`_split8`/`_join8`), and the next tile is loaded before
 the current one is stored. Row by row, each load sat behind the previous token's store (the compiler may not move a
-load above a store that could alias it), one 256-byte load in flight per warp: a plain copy walking that way takes
-1.42x its bandwidth floor at 7B 4 x 32K, 8 rows at a time 1.23x (`bench/conv_access_patterns.py`); the conv
-forward went from 1.53x to 1.30x, and to 1.18x once its loads were 16-byte vectors too (docs/benchmarks.md, eighth
-session).
+load above a store that could alias it), one 256-byte load in flight per warp: a plain copy walking that way took
+1.42x its bandwidth floor at 7B 4 x 32K, 8 rows at a time 1.23x (2-byte loads; `bench/conv_access_patterns.py`);
+the conv forward went from 1.53x to 1.30x, and to 1.18x once its loads were 16-byte vectors too
+(docs/benchmarks.md, eighth session).
 
 Backward recomputes the pre-activation from x (reading x again is cheaper than storing it) and emits dx for tokens
-t-3..t+4 when it has the input-gradients of tokens t..t+7 (dx[s] needs those of s..s+3). Weight and bias gradients
+t-3..t+4 when it has the input-gradients of tokens t..t+7 (dx[s] needs those of s..s+3); with packed documents,
+a tile inside one document skips the document masks (`_one_doc`). Weight and bias gradients
 are summed per program in fp32 registers, written as one partial per program and reduced by torch (deterministic).
 Launch shapes come from `default_launch` (no autotuning: one compile per shape class); `ConvLaunch` overrides them.
 """
