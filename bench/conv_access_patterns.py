@@ -26,6 +26,8 @@ import triton.language as tl
 from gyrfalcon import FalconH1Config
 from gyrfalcon.ops.conv_triton import _align, _forward, default_launch
 
+from conv_norm_kernels import kernel_ms  # bench/ is on the path when run as a script
+
 HBM_BYTES_PER_S = 3.35e12
 SHAPES = [("0.5B", 4, 2048), ("7B", 1, 8192), ("7B", 4, 8192), ("7B", 4, 32768)]
 COPIES = [(128, 32, 1, 1), (128, 32, 8, 1), (128, 32, 32, 1), (128, 32, 32, 4), (256, 32, 32, 4), (512, 16, 16, 4)]
@@ -54,20 +56,6 @@ def copy_rows(x, y, block_d, chunk_l, rows, num_warps):
     _copy_kernel[grid](x, y, l, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1), X_ALIGN=_align(x),
                        BLOCK_D=block_d, CHUNK_L=chunk_l, ROWS=rows, num_warps=num_warps)
     return y
-
-
-def kernel_ms(fn, iters: int = 30) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total_us = sum(getattr(e, "device_time_total", 0) for e in prof.key_averages()
-                   if str(getattr(e, "device_type", "")).endswith("CUDA"))
-    return total_us / iters / 1e3
 
 
 def main():
