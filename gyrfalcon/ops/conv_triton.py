@@ -284,8 +284,16 @@ def _input_grad(xm3, xm2, xm1, xt, sm3, sm2, sm1, st, dy, w0, w1, w2, w3, bias, 
 @triton.jit
 def _dx(g0, g1, g2, g3, s0, s1, s2, s3, w0, w1, w2, w3, HAS_SEQ: tl.constexpr):
     """dx of token s from the pre-activation gradients of tokens s..s+3 (through slots 3..0), those of its own
-    document: the forward's window sum mirrored (token s+3-j in slot j, the masks against s's document)."""
-    return _preact(g3, g2, g1, g0, s3, s2, s1, s0, w0, w1, w2, w3, 0.0, HAS_SEQ)
+    document: `_preact` mirrored (token s+3-j in slot j, the masks against s's document), written out because
+    calling `_preact` with a zero bias keeps 16 more additions per tile in the sm_90 code."""
+    d = w3 * g0
+    if HAS_SEQ:
+        d += tl.where(s0 == s1, w2 * g1, 0.0)
+        d += tl.where(s0 == s2, w1 * g2, 0.0)
+        d += tl.where(s0 == s3, w0 * g3, 0.0)
+    else:
+        d += w2 * g1 + w1 * g2 + w0 * g3
+    return d
 
 
 @triton.jit
