@@ -1,6 +1,6 @@
 """Study: what the conv's memory access pattern costs, with plain copies that move the conv forward's bytes.
 
-    python bench/conv_access_patterns.py      # H100: under a minute
+    python bench/conv_access_patterns.py      # needs a CUDA GPU
 
 A Triton copy of the conv's input (in_proj's strided channel slice, or a contiguous copy of it) into a contiguous
 output, launched like the conv (one program per 128 channels x 32 tokens of one row), moving ROWS tokens per load and
@@ -12,7 +12,7 @@ ms is the kernels' GPU time (torch.profiler); x_floor = ms over the 2 passes' by
 Results: bench/results/2026-11-24_h100_conv_access_session8_d5bf676.jsonl (run with an earlier form of this
 script, which also timed a prototype of the tiled forward; `prod` there is the row-walking kernel of `d5bf676`; its
 alignment hint was 1, as the conv kernels' was then, so every load there was 2 bytes wide: this form loads 16-byte
-vectors wherever the strides allow).
+vectors wherever the strides allow, and has been run only in the CPU interpreter so far).
 """
 
 from __future__ import annotations

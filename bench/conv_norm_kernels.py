@@ -220,7 +220,7 @@ def main():
     if args.grid:
         for shape, b, l in GRID:
             cfg = FalconH1Config.from_preset(shape)
-            conv_case(cfg, shape, b, l, args.sweep, with_reference=l == 2048)  # --grid --sweep: < 6 min
+            conv_case(cfg, shape, b, l, args.sweep, with_reference=l == 2048)
             conv_case(cfg, shape, b, l, False, contiguous_x=True, with_reference=False, weight_grads=(False,))
         return
     for shape, b, l in SHAPES:
