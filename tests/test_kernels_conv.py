@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("triton")
 
 from gyrfalcon.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
-from gyrfalcon.ops.conv_triton import (ConvLaunch, _align, causal_conv1d_triton,  # noqa: E402
-                                       causal_conv1d_update_triton)
+from gyrfalcon.ops.conv_triton import (ConvLaunch, _align, _backward, _forward,  # noqa: E402
+                                       causal_conv1d_triton, causal_conv1d_update_triton)
 from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
 F64 = torch.float64
@@ -169,6 +169,40 @@ def test_initial_state_without_gradient_still_feeds_the_backward():
     assert len(grads) == 3
     for got, want in zip(outs + grads, outs64 + grads64):
         assert rel_err(got, want) <= 1e-5
+
+
+def test_weight_gradients_summed_over_many_programs_and_twice():
+    """The weight/bias gradients are summed in the kernel by the last of a channel block's programs: 3 rows x 8
+    chunks = 24 partials per block (two rounds of 16, the second part-masked), 3 channel blocks. A second backward
+    through the same graph (its tickets reset by the first) gives the same bits, and both match float64."""
+    leaves, seq_idx = make_inputs(3, 61, 37, 4, seq=[[61], [30, 31], [5, 56]])
+    cots = cotangents_for(3, 61, 37, 4, False, torch.float32)
+    y = causal_conv1d_triton(leaves["x"], leaves["weight"], leaves["bias"], seq_idx=seq_idx,
+                             initial_state=leaves["initial_state"], launch=SMALL)
+    used = [v for v in leaves.values() if v.requires_grad]
+    first = torch.autograd.grad((y.to(F64) * cots[0]).sum(), used, retain_graph=True)
+    second = torch.autograd.grad((y.to(F64) * cots[0]).sum(), used)
+    _, grads64 = run(causal_conv1d_ref, as_f64(leaves), seq_idx, "silu", False, cots)
+    for a, b, want in zip(first, second, grads64):
+        assert torch.equal(a, b)
+        assert rel_err(a, want) <= 1e-5
+
+
+def test_forward_zeroes_the_tickets_and_the_backward_leaves_them_zero():
+    """The forward kernel zeroes the backward's per-channel tickets (no launch of their own); the last program of
+    each channel block sets its ticket back to zero. Without a ticket buffer the backward makes a zeroed one."""
+    leaves, _ = make_inputs(2, 20, 37, 3, init=False)
+    x, w, bias = (leaves[k].detach() for k in ("x", "weight", "bias"))
+    dy = torch.randn(2, 20, 37, device=DEV)
+    tickets = torch.full((37,), 7, dtype=torch.int32, device=DEV)
+    _forward(x, w, bias, None, None, True, False, SMALL, tickets)
+    assert torch.equal(tickets, torch.zeros_like(tickets))
+    with_tickets = _backward(x, w, bias, None, None, dy, None, True, True, True, False, SMALL, tickets)
+    assert torch.equal(tickets, torch.zeros_like(tickets))
+    without = _backward(x, w, bias, None, None, dy, None, True, True, True, False, SMALL)
+    for a, b in zip(with_tickets[:3], without[:3]):
+        assert torch.equal(a, b)
+    assert with_tickets[1].shape == (37, 3) and with_tickets[2].shape == (37,)
 
 
 def test_alignment_hint_counts_batch_and_token_strides_only():
