@@ -172,9 +172,10 @@ def test_initial_state_without_gradient_still_feeds_the_backward():
 
 
 def test_weight_gradients_summed_over_many_programs_and_twice():
-    """The weight/bias gradients are summed in the kernel by the last of a channel block's programs: 3 rows x 8
-    chunks = 24 partials per block (two rounds of 16, the second part-masked), 3 channel blocks. A second backward
-    through the same graph (its tickets reset by the first) gives the same bits, and both match float64."""
+    """The weight/bias gradients are summed in the kernel: lanes of programs walk the chunks and the last of a channel
+    block's lanes sums their partials. Here 3 rows x 8 chunks and 3 channel blocks (default lanes on the CPU: 12,
+    two chunks each). A second backward through the same graph (its tickets reset by the first) gives the same
+    bits, and both match float64."""
     leaves, seq_idx = make_inputs(3, 61, 37, 4, seq=[[61], [30, 31], [5, 56]])
     cots = cotangents_for(3, 61, 37, 4, False, torch.float32)
     y = causal_conv1d_triton(leaves["x"], leaves["weight"], leaves["bias"], seq_idx=seq_idx,
@@ -186,6 +187,20 @@ def test_weight_gradients_summed_over_many_programs_and_twice():
     for a, b, want in zip(first, second, grads64):
         assert torch.equal(a, b)
         assert rel_err(a, want) <= 1e-5
+
+
+@pytest.mark.parametrize("lanes", [1, 5, 24])
+def test_weight_gradient_lanes_cover_every_chunk_once(lanes):
+    """Any number of lanes (one lane walking all 24 chunks; 5 lanes with 4 or 5 each, some rounds past the end; one
+    chunk each, 24 partials summed 8 per round) gives the float64 gradients, dx included."""
+    leaves, seq_idx = make_inputs(3, 61, 37, 4, init=False, seq=[[61], [30, 31], [5, 56]])
+    x, w, bias = (leaves[k].detach() for k in ("x", "weight", "bias"))
+    dy = torch.randn(3, 61, 37, generator=torch.Generator().manual_seed(2)).to(DEV)
+    dx, dw, db, _ = _backward(x, w, bias, None, seq_idx, dy, None, True, True, True, False, SMALL, lanes=lanes)
+    x64, w64, b64 = (t.to(F64).requires_grad_() for t in (x, w, bias))
+    want = torch.autograd.grad(causal_conv1d_ref(x64, w64, b64, seq_idx=seq_idx), [x64, w64, b64], dy.to(F64))
+    for got, ref in zip((dx, dw, db), want):
+        assert rel_err(got, ref) <= 1e-5
 
 
 def test_forward_zeroes_the_tickets_and_the_backward_leaves_them_zero():

@@ -39,7 +39,8 @@ from .ssd_triton import _INTERPRET, _bound
 
 WINDOW = 4  # register window slots: inputs t-3 .. t
 TILE_L = tl.constexpr(8)  # tokens per load and store: the walk's tiles
-REDUCE_PARTS = 16  # weight-gradient partials the last program of a channel block sums per round trip to L2
+REDUCE_PARTS = 8  # weight-gradient partials the last program of a channel block sums per round trip to L2
+LANE_PROGRAMS_PER_SM = 6  # backward with weight gradients: programs per SM the lanes aim at (`grad_lanes`)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,14 @@ def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bo
     while chunk > 32 and programs * triton.cdiv(l, chunk) < (6 if chunk == 128 else 4) * sms:
         chunk //= 2
     return ConvLaunch(block_d=block_d, chunk_l=chunk, num_warps=4)
+
+
+def grad_lanes(n_work: int, d_blocks: int, device: torch.device) -> int:
+    """Programs per channel block of a backward that sums weight gradients: about LANE_PROGRAMS_PER_SM per SM in
+    all, at most one per work item (chunk of a row), and as few as keep every lane's count of items the same."""
+    target = max(1, round(LANE_PROGRAMS_PER_SM * sm_count(device, cpu_default=8) / d_blocks))
+    rounds = triton.cdiv(n_work, min(target, n_work))
+    return triton.cdiv(n_work, rounds)
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -393,30 +402,17 @@ def _conv_bwd_tile(
 
 
 @triton.jit
-def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr,
-    dw_part_ptr, db_part_ptr, ticket_ptr, dw_ptr, db_ptr,
-    L, D, n_parts,
-    stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_ik, stride_sb, stride_sl,
-    stride_dyb, stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl,
-    stride_gib, stride_gid, stride_gik, stride_dwd, stride_dwk,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    WANT_DINIT: tl.constexpr, HAS_DFINAL: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-    X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
-    REDUCE_PARTS: tl.constexpr, INTERP: tl.constexpr,
+def _conv_bwd_chunk(
+    pid_b, pid_l, x_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, L,
+    stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb, stride_dyl,
+    stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid, stride_gik,
+    offs_d, mask_d, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+    K: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, WANT_DINIT: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_L: tl.constexpr,
 ):
-    pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    w0 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 0, K, BLOCK_D)
-    w1 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 1, K, BLOCK_D)
-    w2 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 2, K, BLOCK_D)
-    w3 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 3, K, BLOCK_D)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-
+    """The backward walk over tokens pid_l * CHUNK_L .. + CHUNK_L of row pid_b: dx stored, the weight/bias-gradient
+    terms added to dw0..dw3, db (returned)."""
     b64 = pid_b.to(tl.int64)
     x_row = x_ptr + tl.multiple_of(b64 * stride_xb, X_ALIGN)
     init_row = init_ptr + b64 * stride_ib
@@ -443,11 +439,6 @@ def _conv_bwd_kernel(
     gm3 = tl.zeros([BLOCK_D], dtype=tl.float32)
     gm2 = tl.zeros([BLOCK_D], dtype=tl.float32)
     gm1 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    db = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     x_next = _rows8(x_row, t0, end, stride_xl, offs_d, mask_d, X_ALIGN)
     dy_next = _rows8(dy_row, t0, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
@@ -468,12 +459,63 @@ def _conv_bwd_kernel(
         stride_sl, stride_dxl, stride_gid, stride_gik, stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3,
         bias, xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
         K, CHUNK_L, WANT_DINIT, HAS_SEQ, SILU, HAS_DFINAL, BLOCK_D, False)
+    return dw0, dw1, dw2, dw3, db
 
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr,
+    dw_part_ptr, db_part_ptr, ticket_ptr, dw_ptr, db_ptr,
+    L, D, n_chunks, n_work, n_lanes, lane_rounds,
+    stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_ik, stride_sb, stride_sl,
+    stride_dyb, stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl,
+    stride_gib, stride_gid, stride_gik, stride_dwd, stride_dwk,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    WANT_DINIT: tl.constexpr, HAS_DFINAL: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
+    REDUCE_PARTS: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Grid (channel blocks, chunks, rows) without weight gradients: one chunk per program. With them, grid
+    (channel blocks, n_lanes): lane g walks work items g, g + n_lanes, ... (lane_rounds of them, item c = chunk
+    c % n_chunks of row c // n_chunks, n_work in all) and keeps one running sum, so a channel block has n_lanes
+    partials to sum whatever the input's length (see `_reduce_param_grads`)."""
+    pid_d = tl.program_id(0)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    w0 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 0, K, BLOCK_D)
+    w1 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 1, K, BLOCK_D)
+    w2 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 2, K, BLOCK_D)
+    w3 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 3, K, BLOCK_D)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
     if WANT_DW or WANT_DB:
+        lane = tl.program_id(1)
+        for i in range(0, _bound(lane_rounds, INTERP)):
+            c = lane + i * n_lanes
+            if c < n_work:
+                dw0, dw1, dw2, dw3, db = _conv_bwd_chunk(
+                    c // n_chunks, c % n_chunks, x_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, L,
+                    stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb,
+                    stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid,
+                    stride_gik, offs_d, mask_d, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+                    K, HAS_INIT, HAS_SEQ, SILU, WANT_DINIT, HAS_DFINAL, X_ALIGN, DY_ALIGN, BLOCK_D, CHUNK_L)
         _reduce_param_grads(dw_part_ptr, db_part_ptr, ticket_ptr, dw_ptr, db_ptr, D, stride_dwd, stride_dwk,
-                            pid_d, pid_b * tl.num_programs(1) + pid_l, n_parts,
-                            offs_d, mask_d, dw0, dw1, dw2, dw3, db, K, WANT_DW, WANT_DB, BLOCK_D, REDUCE_PARTS,
-                            INTERP)
+                            pid_d, lane, n_lanes, offs_d, mask_d, dw0, dw1, dw2, dw3, db, K, WANT_DW, WANT_DB,
+                            BLOCK_D, REDUCE_PARTS, INTERP)
+    else:
+        _conv_bwd_chunk(
+            tl.program_id(2), tl.program_id(1), x_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, L,
+            stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb,
+            stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid,
+            stride_gik, offs_d, mask_d, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+            K, HAS_INIT, HAS_SEQ, SILU, WANT_DINIT, HAS_DFINAL, X_ALIGN, DY_ALIGN, BLOCK_D, CHUNK_L)
 
 
 @triton.jit
@@ -504,26 +546,28 @@ def _reduce_param_grads(dw_part_ptr, db_part_ptr, ticket_ptr, dw_ptr, db_ptr, D,
     ticket_row = ticket_ptr + pid_d * BLOCK_D
     if tl.atomic_add(ticket_row, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
         offs_p = tl.arange(0, PARTS)
-        acc_w = tl.zeros([PARTS, 4, BLOCK_D], dtype=tl.float32)
-        acc_b = tl.zeros([PARTS, BLOCK_D], dtype=tl.float32)
+        acc_w = tl.zeros([4, BLOCK_D], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
         for p0 in range(0, _bound(n_parts, INTERP), PARTS):
             # both loads are issued before either sum: each round trip to L2 is paid once per PARTS partials.
             # `.cg`: read from L2, which holds what the other SMs stored during this kernel
             p = (p0 + offs_p).to(tl.int64)
             if WANT_DW:
-                acc_w += tl.load(dw_part_ptr + p[:, None, None] * 4 * D + slots[None, :, None] * D
-                                 + offs_d[None, None, :], mask=(p[:, None, None] < n_parts) & mask_d[None, None, :],
-                                 other=0.0, cache_modifier=".cg")
+                acc_w += tl.sum(tl.load(dw_part_ptr + p[:, None, None] * 4 * D + slots[None, :, None] * D
+                                        + offs_d[None, None, :],
+                                        mask=(p[:, None, None] < n_parts) & mask_d[None, None, :],
+                                        other=0.0, cache_modifier=".cg"), axis=0)
             if WANT_DB:
-                acc_b += tl.load(db_part_ptr + p[:, None] * D + offs_d[None, :],
-                                 mask=(p[:, None] < n_parts) & mask_d[None, :], other=0.0, cache_modifier=".cg")
+                acc_b += tl.sum(tl.load(db_part_ptr + p[:, None] * D + offs_d[None, :],
+                                        mask=(p[:, None] < n_parts) & mask_d[None, :], other=0.0,
+                                        cache_modifier=".cg"), axis=0)
         if WANT_DW:
             # slot s of the window is weight column s - (4 - K)
             col = slots - (4 - K)
             tl.store(dw_ptr + offs_d[None, :] * stride_dwd + col[:, None] * stride_dwk,
-                     tl.sum(acc_w, axis=0).to(dw_ptr.dtype.element_ty), mask=(col[:, None] >= 0) & mask_d[None, :])
+                     acc_w.to(dw_ptr.dtype.element_ty), mask=(col[:, None] >= 0) & mask_d[None, :])
         if WANT_DB:
-            tl.store(db_ptr + offs_d, tl.sum(acc_b, axis=0).to(db_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(db_ptr + offs_d, acc_b.to(db_ptr.dtype.element_ty), mask=mask_d)
         tl.atomic_xchg(ticket_row, 0, sem="relaxed", scope="gpu")
 
 
@@ -617,8 +661,9 @@ def _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch, 
 
 
 def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw, want_db, want_dinit, launch,
-              tickets=None, reduce_parts=REDUCE_PARTS):
-    """tickets: the (d,) int32 buffer `_forward` zeroed (else zeroed here, one more launch), when dw or db is wanted."""
+              tickets=None, reduce_parts=REDUCE_PARTS, lanes=None):
+    """tickets: the (d,) int32 buffer `_forward` zeroed (else zeroed here, one more launch), when dw or db is wanted;
+    lanes: programs per channel block then (default `grad_lanes`)."""
     b, l, d = x.shape
     k = weight.shape[1]
     dx = torch.empty((b, l, d), dtype=x.dtype, device=x.device)
@@ -628,20 +673,22 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
         # layout its registers already have (a strided store would cost a layout conversion on every token)
         dinit = torch.empty((k - 1, b, d), dtype=initial_state.dtype, device=x.device).permute(1, 2, 0)
     n_l = triton.cdiv(l, launch.chunk_l)
-    dw_part = torch.empty((b * n_l, WINDOW, d), dtype=torch.float32, device=x.device) if want_dw else None
-    db_part = torch.empty((b * n_l, d), dtype=torch.float32, device=x.device) if want_db else None
+    d_blocks = triton.cdiv(d, launch.block_d)
+    n_lanes = lanes or grad_lanes(b * n_l, d_blocks, x.device)
+    dw_part = torch.empty((n_lanes, WINDOW, d), dtype=torch.float32, device=x.device) if want_dw else None
+    db_part = torch.empty((n_lanes, d), dtype=torch.float32, device=x.device) if want_db else None
     dw = torch.empty((d, k), dtype=weight.dtype, device=x.device) if want_dw else None
     db = torch.empty((d,), dtype=bias.dtype, device=x.device) if want_db else None
     if (want_dw or want_db) and tickets is None:
         tickets = torch.zeros((d,), dtype=torch.int32, device=x.device)
-    grid = (triton.cdiv(d, launch.block_d), n_l, b)
+    grid = (d_blocks, n_lanes) if want_dw or want_db else (d_blocks, n_l, b)
     _conv_bwd_kernel[grid](
         x, weight, bias if bias is not None else weight, initial_state if initial_state is not None else x,
         seq_idx if seq_idx is not None else x, dy, dfinal if dfinal is not None else dy, dx,
         dinit if dinit is not None else dx, dw_part if dw_part is not None else dx,
         db_part if db_part is not None else dx, tickets if tickets is not None else dx,
         dw if dw is not None else dx, db if db is not None else dx,
-        l, d, b * n_l,
+        l, d, n_l, b * n_l, n_lanes, triton.cdiv(b * n_l, n_lanes),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *_strides3(initial_state),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         dy.stride(0), dy.stride(1), *_strides3(dfinal), dx.stride(0), dx.stride(1), *_strides3(dinit),
