@@ -148,12 +148,11 @@ def launch_sweep(shape, b, l, x, k, n, gen):
     w = (torch.randn(d, k, device="cuda", generator=gen) * 0.3).to(DTYPE)
     bias = (torch.randn(d, device="cuda", generator=gen) * 0.1).to(DTYPE)
     dy = torch.randn(b, l, d, device="cuda", dtype=DTYPE, generator=gen)
-    tickets = torch.zeros(d, dtype=torch.int32, device="cuda")  # as the forward leaves them; each backward too
     floor_ms = {"fwd": 2 * n / HBM_BYTES_PER_S * 1e3, "bwd": 3 * n / HBM_BYTES_PER_S * 1e3}
     runs = [("fwd", launch, False, lambda launch=launch: _forward(x, w, bias, None, None, True, False, launch))
             for launch in FORWARD_SWEEP]
     runs += [("bwd", launch, want_dw, lambda launch=launch, want_dw=want_dw: _backward(
-                 x, w, bias, None, None, dy, None, True, want_dw, want_dw, False, launch, tickets))
+                 x, w, bias, None, None, dy, None, True, want_dw, want_dw, False, launch))
              for launch in BACKWARD_SWEEP for want_dw in (False, True)]
     for pas, launch, want_dw, fn in runs:
         ms = kernel_ms(fn)

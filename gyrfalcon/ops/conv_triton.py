@@ -21,7 +21,8 @@ the conv forward went from 1.53x to 1.30x, and to 1.18x once its loads were 16-b
 Backward recomputes the pre-activation from x (reading x again is cheaper than storing it) and emits dx for tokens
 t-3..t+4 when it has the input-gradients of tokens t..t+7 (dx[s] needs those of s..s+3); with packed documents,
 a tile inside one document skips the document masks (`_one_doc`). Weight and bias gradients
-are summed per program in fp32 registers, written as one partial per program and reduced by torch (deterministic).
+are summed per program in fp32 registers, written as one partial per program and summed by one more small kernel
+(`_conv_param_grad_kernel`, deterministic).
 Launch shapes come from `default_launch` (no autotuning: one compile per shape class); `ConvLaunch` overrides them.
 """
 
@@ -39,8 +40,9 @@ from .ssd_triton import _INTERPRET, _bound
 
 WINDOW = 4  # register window slots: inputs t-3 .. t
 TILE_L = tl.constexpr(8)  # tokens per load and store: the walk's tiles
-REDUCE_PARTS = 8  # weight-gradient partials the last program of a channel block sums per round trip to L2
-LANE_PROGRAMS_PER_SM = 6  # backward with weight gradients: programs per SM the lanes aim at (`grad_lanes`)
+# the weight/bias-gradient sum (`_conv_param_grad_kernel`): channels per program, partials per load
+PARAM_GRAD_CHANNELS = 32
+PARAM_GRAD_PARTS = 64
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,6 @@ def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bo
     while chunk > 32 and programs * triton.cdiv(l, chunk) < (6 if chunk == 128 else 4) * sms:
         chunk //= 2
     return ConvLaunch(block_d=block_d, chunk_l=chunk, num_warps=4)
-
-
-def grad_lanes(n_work: int, d_blocks: int, device: torch.device) -> int:
-    """Programs per channel block of a backward that sums weight gradients: about LANE_PROGRAMS_PER_SM per SM in
-    all, at most one per work item (chunk of a row), and as few as keep every lane's count of items the same."""
-    target = max(1, round(LANE_PROGRAMS_PER_SM * sm_count(device, cpu_default=8) / d_blocks))
-    rounds = triton.cdiv(n_work, min(target, n_work))
-    return triton.cdiv(n_work, rounds)
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -217,20 +211,16 @@ def _fwd_tile_math(xm3, xm2, xm1, x0, x1, x2, x3, x4, x5, x6, x7, sm3, sm2, sm1,
 
 @triton.jit(do_not_specialize=["L"])  # L = 1 would become a constant, and the final-state loop's tokens plain ints
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, y_ptr, final_ptr, ticket_ptr,
+    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, y_ptr, final_ptr,
     L, D,
     stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_ik, stride_sb, stride_sl,
     stride_yb, stride_yl, stride_fb, stride_fd, stride_fk,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    WRITE_FINAL: tl.constexpr, ZERO_TICKETS: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_L: tl.constexpr,
+    WRITE_FINAL: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
 ):
     pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    if ZERO_TICKETS:
-        # the backward's per-channel tickets (`_reduce_param_grads`): zeroed here rather than by a launch of its own
-        tl.store(ticket_ptr + offs_d, tl.zeros([BLOCK_D], dtype=tl.int32), mask=mask_d & (pid_l == 0) & (pid_b == 0))
     w0 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 0, K, BLOCK_D)
     w1 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 1, K, BLOCK_D)
     w2 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 2, K, BLOCK_D)
@@ -464,22 +454,16 @@ def _conv_bwd_chunk(
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr,
-    dw_part_ptr, db_part_ptr, ticket_ptr, dw_ptr, db_ptr,
-    L, D, n_chunks, n_work, n_lanes, lane_rounds,
+    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
+    L, D,
     stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_ik, stride_sb, stride_sl,
     stride_dyb, stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl,
-    stride_gib, stride_gid, stride_gik, stride_dwd, stride_dwk,
+    stride_gib, stride_gid, stride_gik,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     WANT_DINIT: tl.constexpr, HAS_DFINAL: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
-    REDUCE_PARTS: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Grid (channel blocks, chunks, rows) without weight gradients: one chunk per program. With them, grid
-    (channel blocks, n_lanes): lane g walks work items g, g + n_lanes, ... (lane_rounds of them, item c = chunk
-    c % n_chunks of row c // n_chunks, n_work in all) and keeps one running sum, so a channel block has n_lanes
-    partials to sum whatever the input's length (see `_reduce_param_grads`)."""
-    pid_d = tl.program_id(0)
+    pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     w0 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 0, K, BLOCK_D)
@@ -490,85 +474,56 @@ def _conv_bwd_kernel(
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if WANT_DW or WANT_DB:
-        lane = tl.program_id(1)
-        for i in range(0, _bound(lane_rounds, INTERP)):
-            c = lane + i * n_lanes
-            if c < n_work:
-                dw0, dw1, dw2, dw3, db = _conv_bwd_chunk(
-                    c // n_chunks, c % n_chunks, x_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, L,
-                    stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb,
-                    stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid,
-                    stride_gik, offs_d, mask_d, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
-                    K, HAS_INIT, HAS_SEQ, SILU, WANT_DINIT, HAS_DFINAL, X_ALIGN, DY_ALIGN, BLOCK_D, CHUNK_L)
-        _reduce_param_grads(dw_part_ptr, db_part_ptr, ticket_ptr, dw_ptr, db_ptr, D, stride_dwd, stride_dwk,
-                            pid_d, lane, n_lanes, offs_d, mask_d, dw0, dw1, dw2, dw3, db, K, WANT_DW, WANT_DB,
-                            BLOCK_D, REDUCE_PARTS, INTERP)
-    else:
-        _conv_bwd_chunk(
-            tl.program_id(2), tl.program_id(1), x_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, L,
-            stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb,
-            stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid,
-            stride_gik, offs_d, mask_d, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
-            K, HAS_INIT, HAS_SEQ, SILU, WANT_DINIT, HAS_DFINAL, X_ALIGN, DY_ALIGN, BLOCK_D, CHUNK_L)
+    zero = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw0, dw1, dw2, dw3, db = _conv_bwd_chunk(
+        pid_b, pid_l, x_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, L,
+        stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb, stride_dyl,
+        stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid, stride_gik,
+        offs_d, mask_d, w0, w1, w2, w3, bias, zero, zero, zero, zero, zero,
+        K, HAS_INIT, HAS_SEQ, SILU, WANT_DINIT, HAS_DFINAL, X_ALIGN, DY_ALIGN, BLOCK_D, CHUNK_L)
 
-
-@triton.jit
-def _reduce_param_grads(dw_part_ptr, db_part_ptr, ticket_ptr, dw_ptr, db_ptr, D, stride_dwd, stride_dwk,
-                        pid_d, part, n_parts, offs_d, mask_d, dw0, dw1, dw2, dw3, db,
-                        K: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PARTS: tl.constexpr, INTERP: tl.constexpr):
-    """Weight/bias gradients of this program's channels: every program stores its fp32 partial sums (dw partials
-    (parts, 4, D), db partials (parts, D)), then takes a ticket for its channel block; the program that takes the
-    last ticket sums all the block's partials, PARTS at a time and in a fixed order (deterministic, whichever
-    program is last), and writes dw (D, K) and db (D,) in their own dtypes. This replaces a torch reduction after
-    the kernel (three to four launches, 7-10 us on an H100, a tenth to a third of the whole pass at 2K-8K tokens).
-    The tickets (one int32 per channel; a block's is that of its first channel) start at zero (the forward zeroes
-    them) and the last program sets its block's back to zero, so a second backward finds them zeroed."""
-    part64 = part.to(tl.int64)
-    slots = tl.arange(0, 4)
+    part = (pid_b * tl.num_programs(1) + pid_l).to(tl.int64)
     if WANT_DW:
-        dw_row = dw_part_ptr + part64 * 4 * D + offs_d
+        # partial weight gradient of this program, stored (4, D) per program: slot-major, channels contiguous
+        dw_row = dw_part_ptr + part * 4 * D + offs_d
         tl.store(dw_row, dw0, mask=mask_d)
         tl.store(dw_row + D, dw1, mask=mask_d)
         tl.store(dw_row + 2 * D, dw2, mask=mask_d)
         tl.store(dw_row + 3 * D, dw3, mask=mask_d)
     if WANT_DB:
-        tl.store(db_part_ptr + part64 * D + offs_d, db, mask=mask_d)
-    # every thread's partial stores happen before the ticket (a release at GPU scope), and the last program's
-    # loads after it (an acquire): the "last block reduces" pattern of split-K semaphores
-    tl.debug_barrier()
-    ticket_row = ticket_ptr + pid_d * BLOCK_D
-    if tl.atomic_add(ticket_row, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
-        offs_p = tl.arange(0, PARTS)
-        acc_w = tl.zeros([4, BLOCK_D], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+        tl.store(db_part_ptr + part * D + offs_d, db, mask=mask_d)
+
+
+@triton.jit
+def _conv_param_grad_kernel(
+    dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, D, stride_dwd, stride_dwk,
+    K: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """dw (D, K) and db (D,), in their own dtypes, from the backward's fp32 partials (one per program of it):
+    program (c, r) sums row r of every partial for channels c * BLOCK_C .. + BLOCK_C, PARTS partials per load, in a
+    fixed order (deterministic); rows 0..3 are the window slots of dw (slot s is weight column s - (4 - K)),
+    row 4 is db. One launch where torch took three to four (sum, slice, transpose-cast; db's sum and cast)."""
+    pid_c, row = tl.program_id(0), tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < D
+    offs_p = tl.arange(0, PARTS)
+    if row < 4:
+        if WANT_DW and row >= 4 - K:
+            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for p0 in range(0, _bound(n_parts, INTERP), PARTS):
+                p = (p0 + offs_p).to(tl.int64)
+                acc += tl.sum(tl.load(dw_part_ptr + (p[:, None] * 4 + row) * D + offs_c[None, :],
+                                      mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
+            tl.store(dw_ptr + offs_c * stride_dwd + (row - (4 - K)) * stride_dwk, acc.to(dw_ptr.dtype.element_ty),
+                     mask=mask_c)
+    elif WANT_DB:
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for p0 in range(0, _bound(n_parts, INTERP), PARTS):
-            # both loads are issued before either sum: each round trip to L2 is paid once per PARTS partials.
-            # `.cg`: read from L2, which holds what the other SMs stored during this kernel
             p = (p0 + offs_p).to(tl.int64)
-            if WANT_DW:
-                acc_w += tl.sum(tl.load(dw_part_ptr + p[:, None, None] * 4 * D + slots[None, :, None] * D
-                                        + offs_d[None, None, :],
-                                        mask=(p[:, None, None] < n_parts) & mask_d[None, None, :],
-                                        other=0.0, cache_modifier=".cg"), axis=0)
-            if WANT_DB:
-                acc_b += tl.sum(tl.load(db_part_ptr + p[:, None] * D + offs_d[None, :],
-                                        mask=(p[:, None] < n_parts) & mask_d[None, :], other=0.0,
-                                        cache_modifier=".cg"), axis=0)
-        if WANT_DW:
-            # slot s of the window is weight column s - (4 - K)
-            col = slots - (4 - K)
-            tl.store(dw_ptr + offs_d[None, :] * stride_dwd + col[:, None] * stride_dwk,
-                     acc_w.to(dw_ptr.dtype.element_ty), mask=(col[:, None] >= 0) & mask_d[None, :])
-        if WANT_DB:
-            tl.store(db_ptr + offs_d, acc_b.to(db_ptr.dtype.element_ty), mask=mask_d)
-        tl.atomic_xchg(ticket_row, 0, sem="relaxed", scope="gpu")
+            acc += tl.sum(tl.load(db_part_ptr + p[:, None] * D + offs_c[None, :],
+                                  mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
+        tl.store(db_ptr + offs_c, acc.to(db_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -638,8 +593,7 @@ def _strides3(t, dims=3):
     return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0,) * dims
 
 
-def _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch, tickets=None):
-    """tickets: a (d,) int32 buffer the kernel zeroes for the backward's weight-gradient reduction, or None."""
+def _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch):
     b, l, d = x.shape
     k = weight.shape[1]
     y = torch.empty((b, l, d), dtype=x.dtype, device=x.device)
@@ -648,22 +602,18 @@ def _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch, 
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, initial_state if initial_state is not None else x,
         seq_idx if seq_idx is not None else x, y, final if final is not None else y,
-        tickets if tickets is not None else y,
         l, d,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *_strides3(initial_state),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         y.stride(0), y.stride(1), *_strides3(final),
         K=k, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None,
-        SILU=silu, WRITE_FINAL=want_final, ZERO_TICKETS=tickets is not None, X_ALIGN=_align(x),
-        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l, num_warps=launch.num_warps,
+        SILU=silu, WRITE_FINAL=want_final, X_ALIGN=_align(x), BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l,
+        num_warps=launch.num_warps,
     )
     return y, final
 
 
-def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw, want_db, want_dinit, launch,
-              tickets=None, reduce_parts=REDUCE_PARTS, lanes=None):
-    """tickets: the (d,) int32 buffer `_forward` zeroed (else zeroed here, one more launch), when dw or db is wanted;
-    lanes: programs per channel block then (default `grad_lanes`)."""
+def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw, want_db, want_dinit, launch):
     b, l, d = x.shape
     k = weight.shape[1]
     dx = torch.empty((b, l, d), dtype=x.dtype, device=x.device)
@@ -673,59 +623,64 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
         # layout its registers already have (a strided store would cost a layout conversion on every token)
         dinit = torch.empty((k - 1, b, d), dtype=initial_state.dtype, device=x.device).permute(1, 2, 0)
     n_l = triton.cdiv(l, launch.chunk_l)
-    d_blocks = triton.cdiv(d, launch.block_d)
-    n_lanes = lanes or grad_lanes(b * n_l, d_blocks, x.device)
-    dw_part = torch.empty((n_lanes, WINDOW, d), dtype=torch.float32, device=x.device) if want_dw else None
-    db_part = torch.empty((n_lanes, d), dtype=torch.float32, device=x.device) if want_db else None
-    dw = torch.empty((d, k), dtype=weight.dtype, device=x.device) if want_dw else None
-    db = torch.empty((d,), dtype=bias.dtype, device=x.device) if want_db else None
-    if (want_dw or want_db) and tickets is None:
-        tickets = torch.zeros((d,), dtype=torch.int32, device=x.device)
-    grid = (d_blocks, n_lanes) if want_dw or want_db else (d_blocks, n_l, b)
+    dw_part = torch.empty((b * n_l, WINDOW, d), dtype=torch.float32, device=x.device) if want_dw else None
+    db_part = torch.empty((b * n_l, d), dtype=torch.float32, device=x.device) if want_db else None
+    grid = (triton.cdiv(d, launch.block_d), n_l, b)
     _conv_bwd_kernel[grid](
         x, weight, bias if bias is not None else weight, initial_state if initial_state is not None else x,
         seq_idx if seq_idx is not None else x, dy, dfinal if dfinal is not None else dy, dx,
         dinit if dinit is not None else dx, dw_part if dw_part is not None else dx,
-        db_part if db_part is not None else dx, tickets if tickets is not None else dx,
-        dw if dw is not None else dx, db if db is not None else dx,
-        l, d, n_l, b * n_l, n_lanes, triton.cdiv(b * n_l, n_lanes),
+        db_part if db_part is not None else dx,
+        l, d,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *_strides3(initial_state),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         dy.stride(0), dy.stride(1), *_strides3(dfinal), dx.stride(0), dx.stride(1), *_strides3(dinit),
-        *(dw.stride() if dw is not None else (0, 0)),
         K=k, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
         WANT_DINIT=dinit is not None, HAS_DFINAL=dfinal is not None, WANT_DW=want_dw, WANT_DB=want_db,
         X_ALIGN=_align(x), DY_ALIGN=_align(dy),
-        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l,
-        REDUCE_PARTS=reduce_parts, INTERP=_INTERPRET, num_warps=launch.num_warps,
+        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l, num_warps=launch.num_warps,
     )
+    dw, db = _param_grads(dw_part, db_part, weight, bias, d, k) if want_dw or want_db else (None, None)
     return dx, dw, db, dinit.contiguous() if dinit is not None else None
+
+
+def _param_grads(dw_part, db_part, weight, bias, d, k):
+    """dw (d, k) and db (d,) from the backward's partials (either may be None: not wanted)."""
+    dw = torch.empty((d, k), dtype=weight.dtype, device=weight.device) if dw_part is not None else None
+    db = torch.empty((d,), dtype=bias.dtype, device=weight.device) if db_part is not None else None
+    some = dw_part if dw_part is not None else db_part        # stands in for the pointers not used
+    n_parts = some.shape[0]
+    grid = (triton.cdiv(d, PARAM_GRAD_CHANNELS), WINDOW + 1)
+    _conv_param_grad_kernel[grid](
+        dw_part if dw_part is not None else some, db_part if db_part is not None else some,
+        dw if dw is not None else some, db if db is not None else some, n_parts, d,
+        *(dw.stride() if dw is not None else (0, 0)),
+        K=k, WANT_DW=dw is not None, WANT_DB=db is not None, BLOCK_C=PARAM_GRAD_CHANNELS,
+        PARTS=PARAM_GRAD_PARTS, INTERP=_INTERPRET, num_warps=4,
+    )
+    return dw, db
 
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, seq_idx, silu, want_final, launch):
         x = _unit_channel_stride(x)
-        need = ctx.needs_input_grad
-        tickets = (torch.empty((x.shape[-1],), dtype=torch.int32, device=x.device)
-                   if need[1] or (bias is not None and need[2]) else None)
         y, final = _forward(x, weight, bias, initial_state, seq_idx, silu, want_final,
-                            launch or default_launch(*x.shape, x.device), tickets)
-        ctx.save_for_backward(x, weight, bias, initial_state, seq_idx, tickets)
+                            launch or default_launch(*x.shape, x.device))
+        ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
         ctx.silu, ctx.launch = silu, launch
         ctx.set_materialize_grads(False)
         return (y, final) if want_final else y
 
     @staticmethod
     def backward(ctx, dy, dfinal=None):
-        x, weight, bias, initial_state, seq_idx, tickets = ctx.saved_tensors
+        x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else _unit_channel_stride(dy)
         need = ctx.needs_input_grad
         dx, dw, db, dinit = _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, ctx.silu,
                                       want_dw=need[1], want_db=bias is not None and need[2],
                                       want_dinit=need[3],
-                                      launch=ctx.launch or default_launch(*x.shape, x.device, backward=True),
-                                      tickets=tickets)
+                                      launch=ctx.launch or default_launch(*x.shape, x.device, backward=True))
         return dx, dw, db, dinit, None, None, None, None
 
 
