@@ -52,14 +52,11 @@ class ConvLaunch:
     block_d: int = 128
     chunk_l: int = 32
     num_warps: int = 2
-    ahead: int = 1  # tiles loaded ahead of the one being computed (1 or 2)
 
     def __post_init__(self):
         if self.chunk_l % TILE_L.value or self.chunk_l < TILE_L.value or self.block_d & (self.block_d - 1):
             raise ValueError(f"ConvLaunch: chunk_l must be a positive multiple of {TILE_L.value}, block_d a power "
                              f"of 2: {self}")
-        if self.ahead not in (1, 2):
-            raise ValueError(f"ConvLaunch: ahead must be 1 or 2: {self}")
 
 
 def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bool = False) -> ConvLaunch:
@@ -220,7 +217,6 @@ def _conv_fwd_kernel(
     stride_yb, stride_yl, stride_fb, stride_fd, stride_fk,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     WRITE_FINAL: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
-    AHEAD: tl.constexpr,
 ):
     pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -253,18 +249,11 @@ def _conv_fwd_kernel(
     sm1 = _doc(seq_row, t0 - 1, L, stride_sl, first_doc, HAS_SEQ)
 
     x_next = _rows8(x_row, t0, end, stride_xl, offs_d, mask_d, X_ALIGN)
-    x_far = x_next
-    if AHEAD == 2:
-        x_far = _rows8(x_row, t0 + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
     for i in range(0, CHUNK_L, TILE_L):
         t = t0 + i
         x_cur = x_next
-        # the next tiles' loads are issued before this tile's stores (which the compiler may not reorder)
-        if AHEAD == 2:
-            x_next = x_far
-            x_far = _rows8(x_row, t + 2 * TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
-        else:
-            x_next = _rows8(x_row, t + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
+        # the next tile's loads are issued before this tile's stores (which the compiler may not reorder)
+        x_next = _rows8(x_row, t + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x_cur.to(tl.float32), BLOCK_D)
         s0, s1, s2, s3, s4, s5, s6, s7 = _docs8(seq_row, t, L, stride_sl, first_doc, HAS_SEQ)
         # (the backward's one-document branch, tried here, made the forward 3-6% slower with packed documents)
@@ -410,7 +399,7 @@ def _conv_bwd_chunk(
     offs_d, mask_d, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
     K: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, WANT_DINIT: tl.constexpr,
     HAS_DFINAL: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_L: tl.constexpr, AHEAD: tl.constexpr,
+    CHUNK_L: tl.constexpr,
 ):
     """The backward walk over tokens pid_l * CHUNK_L .. + CHUNK_L of row pid_b: dx stored, the weight/bias-gradient
     terms added to dw0..dw3, db (returned)."""
@@ -443,21 +432,12 @@ def _conv_bwd_chunk(
 
     x_next = _rows8(x_row, t0, end, stride_xl, offs_d, mask_d, X_ALIGN)
     dy_next = _rows8(dy_row, t0, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
-    x_far, dy_far = x_next, dy_next
-    if AHEAD == 2:
-        x_far = _rows8(x_row, t0 + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
-        dy_far = _rows8(dy_row, t0 + TILE_L, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
     for i in range(0, CHUNK_L, TILE_L):
         t = t0 + i
         x_cur, dy_cur = x_next, dy_next
-        # the next tiles' loads are issued before this tile's stores (which the compiler may not reorder)
-        if AHEAD == 2:
-            x_next, dy_next = x_far, dy_far
-            x_far = _rows8(x_row, t + 2 * TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
-            dy_far = _rows8(dy_row, t + 2 * TILE_L, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
-        else:
-            x_next = _rows8(x_row, t + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
-            dy_next = _rows8(dy_row, t + TILE_L, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
+        # the next tile's loads are issued before this tile's stores (which the compiler may not reorder)
+        x_next = _rows8(x_row, t + TILE_L, end, stride_xl, offs_d, mask_d, X_ALIGN)
+        dy_next = _rows8(dy_row, t + TILE_L, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
         xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db = _conv_bwd_tile(
             t, t0, L, x_cur, dy_cur, seq_row, first_doc, dx_row, dinit_row, dfinal_row,
             stride_sl, stride_dxl, stride_gid, stride_gik, stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3,
@@ -482,7 +462,6 @@ def _conv_bwd_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     WANT_DINIT: tl.constexpr, HAS_DFINAL: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
-    AHEAD: tl.constexpr,
 ):
     pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -501,7 +480,7 @@ def _conv_bwd_kernel(
         stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb, stride_dyl,
         stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid, stride_gik,
         offs_d, mask_d, w0, w1, w2, w3, bias, zero, zero, zero, zero, zero,
-        K, HAS_INIT, HAS_SEQ, SILU, WANT_DINIT, HAS_DFINAL, X_ALIGN, DY_ALIGN, BLOCK_D, CHUNK_L, AHEAD)
+        K, HAS_INIT, HAS_SEQ, SILU, WANT_DINIT, HAS_DFINAL, X_ALIGN, DY_ALIGN, BLOCK_D, CHUNK_L)
 
     part = (pid_b * tl.num_programs(1) + pid_l).to(tl.int64)
     if WANT_DW:
@@ -629,7 +608,7 @@ def _forward(x, weight, bias, initial_state, seq_idx, silu, want_final, launch):
         y.stride(0), y.stride(1), *_strides3(final),
         K=k, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None,
         SILU=silu, WRITE_FINAL=want_final, X_ALIGN=_align(x), BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l,
-        AHEAD=launch.ahead, num_warps=launch.num_warps,
+        num_warps=launch.num_warps,
     )
     return y, final
 
@@ -659,7 +638,7 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
         K=k, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
         WANT_DINIT=dinit is not None, HAS_DFINAL=dfinal is not None, WANT_DW=want_dw, WANT_DB=want_db,
         X_ALIGN=_align(x), DY_ALIGN=_align(dy),
-        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l, AHEAD=launch.ahead, num_warps=launch.num_warps,
+        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l, num_warps=launch.num_warps,
     )
     dw, db = _param_grads(dw_part, db_part, weight, bias, d, k) if want_dw or want_db else (None, None)
     return dx, dw, db, dinit.contiguous() if dinit is not None else None
