@@ -36,11 +36,13 @@ import triton.language as tl
 
 from .dispatch import sm_count
 from .pdl import launch_options, pdl_supported, pdl_wait
-from .ssd_triton import _INTERPRET, _bound
+from .ssd_triton import _INTERPRET, _bound, _store
 
 WINDOW = 4  # register window slots: inputs t-3 .. t
 TILE_L = tl.constexpr(8)  # tokens per load and store: the walk's tiles
-# the weight/bias-gradient sum (`_conv_param_grad_kernel`): channels per program, partials per load
+# the weight/bias-gradient sum (`_conv_param_grad_kernel`): channels per program, partials per load. Measured on
+# an H100 against 16 x 128, 32 x 32, 64 x 32 and 128 x 16 (docs/benchmarks.md, ninth session): 16 x 128 within 3%,
+# 128 x 16 6-26% slower (fewer programs to spread the partials' reads over)
 PARAM_GRAD_CHANNELS = 32
 PARAM_GRAD_PARTS = 64
 
@@ -401,8 +403,10 @@ def _conv_bwd_chunk(
     HAS_DFINAL: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK_L: tl.constexpr,
 ):
-    """The backward walk over tokens pid_l * CHUNK_L .. + CHUNK_L of row pid_b: dx stored, the weight/bias-gradient
-    terms added to dw0..dw3, db (returned)."""
+    """The backward walk over tokens pid_l * CHUNK_L .. + CHUNK_L of row pid_b: dx (and, where the walk reaches
+    before the row's start, the initial state's gradient) stored, the weight/bias-gradient terms added to the
+    running sums dw0..dw3, db (BLOCK_D,) and returned. Kept apart from the kernel's setup (taps, bias) so that the
+    walk reads as one step; the kernel calls it once."""
     b64 = pid_b.to(tl.int64)
     x_row = x_ptr + tl.multiple_of(b64 * stride_xb, X_ALIGN)
     init_row = init_ptr + b64 * stride_ib
@@ -500,10 +504,11 @@ def _conv_param_grad_kernel(
     K: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """dw (D, K) and db (D,), in their own dtypes, from the backward's fp32 partials (one per program of it):
-    program (c, r) sums row r of every partial for channels c * BLOCK_C .. + BLOCK_C, PARTS partials per load, in a
+    """dw (D, K) and db (D,), in their own dtypes, from the backward's fp32 partials, one per program of it:
+    dw partials (n_parts, 4, D) (window slot-major, channels contiguous), db partials (n_parts, D).
+    Program (c, r) sums row r of every partial for channels c * BLOCK_C .. + BLOCK_C, PARTS partials per load, in a
     fixed order (deterministic); rows 0..3 are the window slots of dw (slot s is weight column s - (4 - K)),
-    row 4 is db. One launch where torch took three to four (sum, slice, transpose-cast; db's sum and cast)."""
+    row 4 is db. One launch where torch took four (dw's sum and cast to the weight's dtype, db's sum and cast)."""
     pid_c, row = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < D
@@ -515,15 +520,14 @@ def _conv_param_grad_kernel(
                 p = (p0 + offs_p).to(tl.int64)
                 acc += tl.sum(tl.load(dw_part_ptr + (p[:, None] * 4 + row) * D + offs_c[None, :],
                                       mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
-            tl.store(dw_ptr + offs_c * stride_dwd + (row - (4 - K)) * stride_dwk, acc.to(dw_ptr.dtype.element_ty),
-                     mask=mask_c)
+            _store(dw_ptr + offs_c * stride_dwd + (row - (4 - K)) * stride_dwk, acc, mask_c, INTERP)
     elif WANT_DB:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for p0 in range(0, _bound(n_parts, INTERP), PARTS):
             p = (p0 + offs_p).to(tl.int64)
             acc += tl.sum(tl.load(db_part_ptr + p[:, None] * D + offs_c[None, :],
                                   mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
-        tl.store(db_ptr + offs_c, acc.to(db_ptr.dtype.element_ty), mask=mask_c)
+        _store(db_ptr + offs_c, acc, mask_c, INTERP)
 
 
 @triton.jit
@@ -645,7 +649,8 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
 
 
 def _param_grads(dw_part, db_part, weight, bias, d, k):
-    """dw (d, k) and db (d,) from the backward's partials (either may be None: not wanted)."""
+    """dw (d, k) in the weight's dtype and db (d,) in the bias's, from the backward's fp32 partials dw_part
+    (n_parts, 4, d) and db_part (n_parts, d); one of them may be None (that gradient is not wanted), not both."""
     dw = torch.empty((d, k), dtype=weight.dtype, device=weight.device) if dw_part is not None else None
     db = torch.empty((d,), dtype=bias.dtype, device=weight.device) if db_part is not None else None
     some = dw_part if dw_part is not None else db_part        # stands in for the pointers not used
