@@ -95,6 +95,21 @@ def _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, SLOT: tl.constexpr, K: tl.
 
 
 @triton.jit
+def _taps_and_bias(w_ptr, bias_ptr, stride_wd, stride_wk, offs_d, mask_d, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """The window's four weight slots and the bias (zeros without one) of channels offs_d, each (BLOCK_D,) fp32."""
+    w0 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 0, K, BLOCK_D)
+    w1 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 1, K, BLOCK_D)
+    w2 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 2, K, BLOCK_D)
+    w3 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 3, K, BLOCK_D)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    return w0, w1, w2, w3, bias
+
+
+@triton.jit
 def _input(x_row, init_row, s, L, stride_xl, stride_id, stride_ik, offs_d, mask_d,
            K: tl.constexpr, HAS_INIT: tl.constexpr, X_ALIGN: tl.constexpr):
     """Input at token s of one row as fp32: x for 0 <= s < L, the initial state for -(K-1) <= s < 0, else 0.
@@ -223,14 +238,8 @@ def _conv_fwd_kernel(
     pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    w0 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 0, K, BLOCK_D)
-    w1 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 1, K, BLOCK_D)
-    w2 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 2, K, BLOCK_D)
-    w3 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 3, K, BLOCK_D)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w0, w1, w2, w3, bias = _taps_and_bias(w_ptr, bias_ptr, stride_wd, stride_wk, offs_d, mask_d, K, HAS_BIAS,
+                                          BLOCK_D)
 
     b64 = pid_b.to(tl.int64)
     x_row = x_ptr + tl.multiple_of(b64 * stride_xb, X_ALIGN)
@@ -394,19 +403,22 @@ def _conv_bwd_tile(
 
 
 @triton.jit
-def _conv_bwd_chunk(
-    pid_b, pid_l, x_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, L,
-    stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb, stride_dyl,
-    stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid, stride_gik,
-    offs_d, mask_d, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
-    K: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, WANT_DINIT: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_L: tl.constexpr,
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, dw_ptr, db_ptr,
+    L, D,
+    stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_ik, stride_sb, stride_sl,
+    stride_dyb, stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl,
+    stride_gib, stride_gid, stride_gik,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    WANT_DINIT: tl.constexpr, HAS_DFINAL: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
 ):
-    """The backward walk over tokens pid_l * CHUNK_L .. + CHUNK_L of row pid_b: dx (and, where the walk reaches
-    before the row's start, the initial state's gradient) stored, the weight/bias-gradient terms added to the
-    running sums dw0..dw3, db (BLOCK_D,) and returned. Kept apart from the kernel's setup (taps, bias) so that the
-    walk reads as one step; the kernel calls it once."""
+    pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    w0, w1, w2, w3, bias = _taps_and_bias(w_ptr, bias_ptr, stride_wd, stride_wk, offs_d, mask_d, K, HAS_BIAS,
+                                          BLOCK_D)
+
     b64 = pid_b.to(tl.int64)
     x_row = x_ptr + tl.multiple_of(b64 * stride_xb, X_ALIGN)
     init_row = init_ptr + b64 * stride_ib
@@ -433,6 +445,11 @@ def _conv_bwd_chunk(
     gm3 = tl.zeros([BLOCK_D], dtype=tl.float32)
     gm2 = tl.zeros([BLOCK_D], dtype=tl.float32)
     gm1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     x_next = _rows8(x_row, t0, end, stride_xl, offs_d, mask_d, X_ALIGN)
     dy_next = _rows8(dy_row, t0, end, stride_dyl, offs_d, mask_d, DY_ALIGN)
@@ -453,49 +470,17 @@ def _conv_bwd_chunk(
         stride_sl, stride_dxl, stride_gid, stride_gik, stride_gfd, stride_gfk, offs_d, mask_d, w0, w1, w2, w3,
         bias, xm3, xm2, xm1, sm3, sm2, sm1, gm3, gm2, gm1, dw0, dw1, dw2, dw3, db,
         K, CHUNK_L, WANT_DINIT, HAS_SEQ, SILU, HAS_DFINAL, BLOCK_D, False)
-    return dw0, dw1, dw2, dw3, db
-
-
-@triton.jit
-def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
-    L, D,
-    stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_ik, stride_sb, stride_sl,
-    stride_dyb, stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl,
-    stride_gib, stride_gid, stride_gik,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    WANT_DINIT: tl.constexpr, HAS_DFINAL: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-    X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
-):
-    pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    w0 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 0, K, BLOCK_D)
-    w1 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 1, K, BLOCK_D)
-    w2 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 2, K, BLOCK_D)
-    w3 = _tap(w_ptr, stride_wd, stride_wk, offs_d, mask_d, 3, K, BLOCK_D)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    zero = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw0, dw1, dw2, dw3, db = _conv_bwd_chunk(
-        pid_b, pid_l, x_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, L,
-        stride_xb, stride_xl, stride_ib, stride_id, stride_ik, stride_sb, stride_sl, stride_dyb, stride_dyl,
-        stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl, stride_gib, stride_gid, stride_gik,
-        offs_d, mask_d, w0, w1, w2, w3, bias, zero, zero, zero, zero, zero,
-        K, HAS_INIT, HAS_SEQ, SILU, WANT_DINIT, HAS_DFINAL, X_ALIGN, DY_ALIGN, BLOCK_D, CHUNK_L)
 
     part = (pid_b * tl.num_programs(1) + pid_l).to(tl.int64)
     if WANT_DW:
         # partial weight gradient of this program, stored (4, D) per program: slot-major, channels contiguous
-        dw_row = dw_part_ptr + part * 4 * D + offs_d
+        dw_row = dw_ptr + part * 4 * D + offs_d
         tl.store(dw_row, dw0, mask=mask_d)
         tl.store(dw_row + D, dw1, mask=mask_d)
         tl.store(dw_row + 2 * D, dw2, mask=mask_d)
         tl.store(dw_row + 3 * D, dw3, mask=mask_d)
     if WANT_DB:
-        tl.store(db_part_ptr + part * D + offs_d, db, mask=mask_d)
+        tl.store(db_ptr + part * D + offs_d, db, mask=mask_d)
 
 
 @triton.jit
@@ -512,22 +497,26 @@ def _conv_param_grad_kernel(
     pid_c, row = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < D
-    offs_p = tl.arange(0, PARTS)
     if row < 4:
         if WANT_DW and row >= 4 - K:
-            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for p0 in range(0, _bound(n_parts, INTERP), PARTS):
-                p = (p0 + offs_p).to(tl.int64)
-                acc += tl.sum(tl.load(dw_part_ptr + (p[:, None] * 4 + row) * D + offs_c[None, :],
-                                      mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
+            acc = _sum_parts(dw_part_ptr + row * D, 4 * D, n_parts, offs_c, mask_c, BLOCK_C, PARTS, INTERP)
             _store(dw_ptr + offs_c * stride_dwd + (row - (4 - K)) * stride_dwk, acc, mask_c, INTERP)
     elif WANT_DB:
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for p0 in range(0, _bound(n_parts, INTERP), PARTS):
-            p = (p0 + offs_p).to(tl.int64)
-            acc += tl.sum(tl.load(db_part_ptr + p[:, None] * D + offs_c[None, :],
-                                  mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
-        _store(db_ptr + offs_c, acc, mask_c, INTERP)
+        _store(db_ptr + offs_c, _sum_parts(db_part_ptr, D, n_parts, offs_c, mask_c, BLOCK_C, PARTS, INTERP), mask_c,
+               INTERP)
+
+
+@triton.jit
+def _sum_parts(ptr, part_stride, n_parts, offs_c, mask_c, BLOCK_C: tl.constexpr, PARTS: tl.constexpr,
+               INTERP: tl.constexpr):
+    """sum over p < n_parts of ptr[p * part_stride + offs_c] (fp32, (BLOCK_C,)), PARTS per load, in a fixed order."""
+    offs_p = tl.arange(0, PARTS)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, _bound(n_parts, INTERP), PARTS):
+        p = (p0 + offs_p).to(tl.int64)
+        acc += tl.sum(tl.load(ptr + p[:, None] * part_stride + offs_c[None, :],
+                              mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
+    return acc
 
 
 @triton.jit
