@@ -404,7 +404,7 @@ def _conv_bwd_tile(
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, dw_ptr, db_ptr,
+    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr, dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
     L, D,
     stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_ik, stride_sb, stride_sl,
     stride_dyb, stride_dyl, stride_gfb, stride_gfd, stride_gfk, stride_dxb, stride_dxl,
@@ -474,13 +474,13 @@ def _conv_bwd_kernel(
     part = (pid_b * tl.num_programs(1) + pid_l).to(tl.int64)
     if WANT_DW:
         # partial weight gradient of this program, stored (4, D) per program: slot-major, channels contiguous
-        dw_row = dw_ptr + part * 4 * D + offs_d
+        dw_row = dw_part_ptr + part * 4 * D + offs_d
         tl.store(dw_row, dw0, mask=mask_d)
         tl.store(dw_row + D, dw1, mask=mask_d)
         tl.store(dw_row + 2 * D, dw2, mask=mask_d)
         tl.store(dw_row + 3 * D, dw3, mask=mask_d)
     if WANT_DB:
-        tl.store(db_ptr + part * D + offs_d, db, mask=mask_d)
+        tl.store(db_part_ptr + part * D + offs_d, db, mask=mask_d)
 
 
 @triton.jit
@@ -493,30 +493,28 @@ def _conv_param_grad_kernel(
     dw partials (n_parts, 4, D) (window slot-major, channels contiguous), db partials (n_parts, D).
     Program (c, r) sums row r of every partial for channels c * BLOCK_C .. + BLOCK_C, PARTS partials per load, in a
     fixed order (deterministic); rows 0..3 are the window slots of dw (slot s is weight column s - (4 - K)),
-    row 4 is db. One launch where torch took four (dw's sum and cast to the weight's dtype, db's sum and cast)."""
+    row 4 is db. One launch where torch took four (dw's sum and cast to the weight's dtype, db's sum and cast).
+    The two loops stay written out: one helper taking a row pointer and a part stride made the whole conv 0.5-1.5%
+    slower on an H100 (same bits; `conv_param_grads_refactor_session9_ff8e226.jsonl`)."""
     pid_c, row = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < D
+    offs_p = tl.arange(0, PARTS)
     if row < 4:
         if WANT_DW and row >= 4 - K:
-            acc = _sum_parts(dw_part_ptr + row * D, 4 * D, n_parts, offs_c, mask_c, BLOCK_C, PARTS, INTERP)
+            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for p0 in range(0, _bound(n_parts, INTERP), PARTS):
+                p = (p0 + offs_p).to(tl.int64)
+                acc += tl.sum(tl.load(dw_part_ptr + (p[:, None] * 4 + row) * D + offs_c[None, :],
+                                      mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
             _store(dw_ptr + offs_c * stride_dwd + (row - (4 - K)) * stride_dwk, acc, mask_c, INTERP)
     elif WANT_DB:
-        _store(db_ptr + offs_c, _sum_parts(db_part_ptr, D, n_parts, offs_c, mask_c, BLOCK_C, PARTS, INTERP), mask_c,
-               INTERP)
-
-
-@triton.jit
-def _sum_parts(ptr, part_stride, n_parts, offs_c, mask_c, BLOCK_C: tl.constexpr, PARTS: tl.constexpr,
-               INTERP: tl.constexpr):
-    """sum over p < n_parts of ptr[p * part_stride + offs_c] (fp32, (BLOCK_C,)), PARTS per load, in a fixed order."""
-    offs_p = tl.arange(0, PARTS)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, _bound(n_parts, INTERP), PARTS):
-        p = (p0 + offs_p).to(tl.int64)
-        acc += tl.sum(tl.load(ptr + p[:, None] * part_stride + offs_c[None, :],
-                              mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
-    return acc
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p0 in range(0, _bound(n_parts, INTERP), PARTS):
+            p = (p0 + offs_p).to(tl.int64)
+            acc += tl.sum(tl.load(db_part_ptr + p[:, None] * D + offs_c[None, :],
+                                  mask=(p[:, None] < n_parts) & mask_c[None, :], other=0.0), axis=0)
+        _store(db_ptr + offs_c, acc, mask_c, INTERP)
 
 
 @triton.jit
