@@ -13,6 +13,10 @@ Layouts (each timed as the forward and the backward of a whole layer's nine adap
 - grouped: projections sharing an input as one function: h for the group in one product (x read once), the
   group's dx accumulated by the products themselves (beta = 1) and its adapter term added once (dh_all A_all),
   dA for the group in one product.
+- low_rank_first: per_projection with the products' order swapped so that no pass reads and writes a full output
+  twice: the thin low-rank product writes y (y = s h B^T) and the base product adds into it in its epilogue
+  (y += x W^T, beta = 1); backward likewise dx = dh A, then dx += dy W.
+- grouped_low_rank_first: grouped with that order (dx = dh_all A_all first, then each member's dy W added into it).
 - concatenated: the adapter inside the base product: y = [x | h] [W | s B]^T (the input buffer holds x and h side
   by side, the weight W and B side by side; the scale is left out of this study's weight), so no addmm over y;
   backward [dx' | dh'] = dy [W | B] gives dy B for free (dh = s dh'), then dx' += dh A; h for a group in one
@@ -112,6 +116,47 @@ def grouped(groups, s: float, r: int):
     return fwd, bwd
 
 
+def low_rank_first(groups, s: float):
+    def fwd():
+        for g in groups.values():
+            for it in g["items"]:
+                h = g["x"] @ it["a"].t()
+                y = scaled_mm(h, it["b"].t(), s)
+                y.addmm_(g["x"], it["w"].t())
+
+    def bwd():
+        for g in groups.values():
+            dx_sum = None
+            for it in g["items"]:
+                dh = scaled_mm(it["dy"], it["b"], s)
+                dx = dh @ it["a"]
+                dx.addmm_(it["dy"], it["w"])
+                dh.t() @ g["x"]                                              # dA
+                it["dy"].t() @ it["h"]                                       # dB
+                dx_sum = dx if dx_sum is None else dx_sum + dx
+    return fwd, bwd
+
+
+def grouped_low_rank_first(groups, s: float, r: int):
+    def fwd():
+        for g in groups.values():
+            h_all = g["x"] @ g["a_all"].t()
+            for i, it in enumerate(g["items"]):
+                y = scaled_mm(h_all[:, i * r:(i + 1) * r], it["b"].t(), s)
+                y.addmm_(g["x"], it["w"].t())
+
+    def bwd():
+        for g in groups.values():
+            dh_all = torch.cat([scaled_mm(it["dy"], it["b"], s) for it in g["items"]], 1)
+            dx = dh_all @ g["a_all"]
+            for it in g["items"]:
+                dx.addmm_(it["dy"], it["w"])
+            dh_all.t() @ g["x"]                                              # dA for the group
+            for it in g["items"]:
+                it["dy"].t() @ it["h"]                                       # dB
+    return fwd, bwd
+
+
 def concatenated(groups, s: float, r: int):
     """Each projection reads its own [x | h_i] buffer (x copied in outside the timed region: a producer writing x
     there directly is assumed); h for a group in one product, its slices copied beside x (tokens x r each)."""
@@ -163,7 +208,9 @@ def main():
     groups = build(layer_shapes(cfg), args.tokens, args.rank)
     s = 2.0
     layouts = {"base_only": base_only(groups), "per_projection": per_projection(groups, s),
-               "grouped": grouped(groups, s, args.rank), "concatenated": concatenated(groups, s, args.rank)}
+               "grouped": grouped(groups, s, args.rank), "low_rank_first": low_rank_first(groups, s),
+               "grouped_low_rank_first": grouped_low_rank_first(groups, s, args.rank),
+               "concatenated": concatenated(groups, s, args.rank)}
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
                       "tokens": args.tokens, "rank": args.rank, "layers": cfg.num_hidden_layers}), flush=True)
     for name, (fwd, bwd) in layouts.items():
