@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_autograd import lora_linear
+from .lora_autograd import LoRAParts, lora_linear
 from .quant import Linear4bit
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "out_proj")
@@ -127,11 +127,18 @@ class LoRALinear(LoRALayer, nn.Linear):
     def base_weight(self) -> torch.Tensor:
         return self.weight.detach()
 
+    def lora_parts(self) -> LoRAParts | None:
+        """The tensors lora_autograd's functions take, or None where this layer keeps its plain expression (merged,
+        or dropout on the adapter's input in training)."""
+        if self.merged or (self.dropout_p > 0.0 and self.training):
+            return None
+        return LoRAParts(self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         if self.dropout_p == 0.0 or not self.training:
-            # one autograd function: its backward accumulates the adapter's input gradient into the base's
+            # autograd functions whose backward accumulates the adapter's input gradient into the base's
             return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
         return self.add_adapter_output(F.linear(x, self.weight, self.bias), x)
 

@@ -1,26 +1,52 @@
-"""A LoRA linear layer's forward and backward as one autograd function, so that its backward adds nothing.
+"""LoRA linear layers' forward and backward as two autograd functions, for one projection or for a group of
+projections that share their input (in_proj, q, k, v; gate, up), so that the backward adds nothing elementwise.
 
-    y = x W^T + b + scale (x A^T) B^T          x (..., in), W (out, in), b (out,) or None, A (r, in), B (out, r)
+    y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T       x (..., in), W_i (out_i, in), b_i (out_i,) or None,
+                                                   A_i (r_i, in), B_i (out_i, r_i), s_i the adapter's scale
 
-Left to autograd, the backward of that expression writes two gradients for x, the base's dy W and the adapter's
-(scale dy B) A, and sums them with an elementwise kernel: a full (tokens x in) pass for every adapted projection
-(nine per decoder layer). Here the adapter's part is accumulated into the
-base's by the second product itself (addmm in place: cuBLAS reads and adds the tensor in its epilogue), and the
-adapter's scale rides in the products' alpha instead of elementwise multiplications:
+Left to autograd, that expression's backward writes one gradient of x per term and per projection and sums them
+with elementwise kernels: full (tokens x in) passes, several per projection. Here every term of x's gradient is
+accumulated by the products themselves (cuBLAS adds into its output in the epilogue), the scales ride in the products'
+alpha, and a group reads x once for all of its adapters. With A = [A_1; A_2; ...] (R = sum r_i rows) and
+h = x A^T (tokens, R), h_i its columns of projection i:
 
-    forward:   y = x W^T (+ b);  h = x A^T (tokens, r);  y += scale h B^T
-    backward:  dh = scale dy B;  dx = dy W, then dx += dh A;  dA = dh^T x;  dB = scale dy^T h;
-               dW = dy^T x and db = sum dy only when they require a gradient (full fine-tuning of a LoRA layer)
+    forward:   h = x A^T;  y_i = s_i h_i B_i^T, then y_i += x W_i^T (+ b_i)
+    backward:  dh_i = s_i dy_i B_i;  dx = dh A, then dx += dy_i W_i for each i;  dA = dh^T x;  dB_i = s_i dy_i^T h_i;
+               dW_i = dy_i^T x and db_i = sum dy_i only where they require a gradient (full fine-tuning)
 
-Saved for the backward: x, h (tokens x r) and the weights (no copies). The adapter may be stored in another dtype
-(float32 adapters on a bf16 base): it is cast to x's dtype for the products and its gradients are cast back.
-Dropout on the adapter's input is not handled here (the layer then keeps its plain expression).
+The thin low-rank product writes y_i and the base product adds into it, not the other way round: the base product
+is compute-bound, so reading y_i in its epilogue costs little, where an addmm of rank r over y_i is a whole pass.
+
+Two nodes, for activation checkpointing:
+- LoRAInputFn: h = x A^T. Saves x, the only activation the adapters need (for dA), and gives dA in the backward;
+  x's gradient comes whole from the product node (it includes the dh A term), so this node returns none for x.
+- LoRAProductFn: the y_i. Saves no activation through autograd's saved tensors: h (tokens x R, small) and the
+  weights stay on its context. Non-reentrant checkpointing (torch.utils.checkpoint) stops recomputing a layer once
+  the last tensor that its forward saved is recomputed, so a layer that ends with a projection (down_proj) is
+  recomputed up to that projection's LoRAInputFn: its base product, the largest of the layer, is not run again.
+  When a base weight trains (full fine-tuning of a LoRA layer) the node saves x as well, and that skip is lost.
+
+The adapters may be stored in another dtype (float32 adapters on a bf16 base): they are cast to x's dtype for the
+products and their gradients are cast back. Dropout on the adapters' input is not handled here (the layer then
+keeps its plain expression).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LoRAParts:
+    """One adapted projection's tensors: weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r), and
+    the adapter's scale."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -29,47 +55,105 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.addmm(out, a, b, beta=0, alpha=scale, out=out)
 
 
-class LoRALinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float):
-        in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features)
-        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)         # no-ops when the dtypes agree
-        y = F.linear(x2, weight, bias)                          # (tokens, out)
-        h = torch.mm(x2, a.t())                                 # (tokens, r)
-        y.addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, weight, h, a, b)
-        ctx.scale, ctx.x_shape = scale, x.shape
-        ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.view(*x.shape[:-1], y.shape[-1])
+class LoRAInputFn(torch.autograd.Function):
+    """h = x A^T: x (tokens, in), a (R, in) already in x's dtype -> (tokens, R). Backward: dA = dh^T x only (x's
+    gradient comes from LoRAProductFn, which includes this node's dh A term)."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x2, weight, h, a, b = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_lb, _ = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.dtype != x2.dtype:
-            dy2 = dy2.to(x2.dtype)
-        scale = ctx.scale
-        dx = dw = db = da = dlb = None
-        dh = _scaled_mm(dy2, b, scale) if (need_x or need_a) else None        # (tokens, r)
+    def forward(ctx, x, a):
+        ctx.save_for_backward(x)
+        return torch.mm(x, a.t())
+
+    @staticmethod
+    def backward(ctx, dh):
+        (x,) = ctx.saved_tensors
+        da = torch.mm(dh.t(), x) if ctx.needs_input_grad[1] else None
+        return None, da
+
+
+class LoRAProductFn(torch.autograd.Function):
+    """y_i = s_i h_i B_i^T + x W_i^T (+ b_i) for the n projections of a group (the module docstring).
+
+    apply(n, scales, x (tokens, in), h (tokens, R), a (R, in), *weights, *biases, *lora_Bs) -> n outputs
+    (tokens, out_i); a is the group's stacked lora_A in x's dtype (no gradient here: LoRAInputFn gives it)."""
+
+    @staticmethod
+    def forward(ctx, n: int, scales: tuple[float, ...], x, h, a, *tensors):
+        weights, biases, lora_bs = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        bs = [b.to(x.dtype) for b in lora_bs]                     # no-ops when the dtypes agree
+        ranks = [b.shape[1] for b in bs]
+        outs = []
+        for w, bias, b, h_i, s in zip(weights, biases, bs, h.split(ranks, dim=1), scales):
+            if bias is None:
+                y = _scaled_mm(h_i, b.t(), s)
+            else:
+                y = torch.addmm(bias.to(x.dtype), h_i, b.t(), alpha=s)
+            outs.append(y.addmm_(x, w.t()))
+        train_base = any(w.requires_grad for w in weights)
+        if train_base:
+            ctx.save_for_backward(x)        # dW needs x; the checkpointing skip is lost then (module docstring)
+        ctx.train_base = train_base
+        ctx.n, ctx.scales, ctx.ranks = n, scales, ranks
+        ctx.x_meta = (x.shape, x.dtype, x.device)
+        ctx.h, ctx.a, ctx.weights, ctx.bs = h.detach(), a, weights, bs
+        ctx.b_dtypes = [b.dtype for b in lora_bs]
+        ctx.bias_dtypes = [bias.dtype if bias is not None else None for bias in biases]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        n, scales = ctx.n, ctx.scales
+        needs = ctx.needs_input_grad
+        need_x, need_h = needs[2], needs[3]
+        need_w, need_bias, need_b = needs[5:5 + n], needs[5 + n:5 + 2 * n], needs[5 + 2 * n:]
+        shape, dtype, _ = ctx.x_meta
+        x = ctx.saved_tensors[0] if ctx.train_base else None
+        dys = [dy if dy.dtype == dtype else dy.to(dtype) for dy in dys]
+        dh = None
+        if need_x or need_h:
+            dh = torch.cat([_scaled_mm(dy, b, s) for dy, b, s in zip(dys, ctx.bs, scales)], dim=1) if n > 1 \
+                else _scaled_mm(dys[0], ctx.bs[0], scales[0])                                    # (tokens, R)
+        dx = None
         if need_x:
-            dx = torch.mm(dy2, weight.to(dy2.dtype))
-            dx.addmm_(dh, a)
-            dx = dx.view(ctx.x_shape)
-        if need_a:
-            da = torch.mm(dh.t(), x2).to(ctx.adapter_dtypes[0])
-        if need_lb:
-            dlb = _scaled_mm(dy2.t(), h, scale).to(ctx.adapter_dtypes[1])
-        if need_w:
-            dw = torch.mm(dy2.t(), x2).to(weight.dtype)
-        if need_b and ctx.bias_dtype is not None:
-            db = dy2.sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, da, dlb, None
+            dx = torch.mm(dh, ctx.a)
+            for dy, w in zip(dys, ctx.weights):
+                dx.addmm_(dy, w.to(dtype))
+        h_parts = ctx.h.split(ctx.ranks, dim=1)
+        dws, dbiases, dbs = [None] * n, [None] * n, [None] * n
+        for i, (dy, s) in enumerate(zip(dys, scales)):
+            if need_b[i]:
+                dbs[i] = _scaled_mm(dy.t(), h_parts[i], s).to(ctx.b_dtypes[i])
+            if need_w[i]:
+                dws[i] = torch.mm(dy.t(), x).to(ctx.weights[i].dtype)
+            if need_bias[i] and ctx.bias_dtypes[i] is not None:
+                dbiases[i] = dy.sum(0).to(ctx.bias_dtypes[i])
+        return (None, None, dx, dh if need_h else None, None, *dws, *dbiases, *dbs)
+
+
+def lora_group(x: torch.Tensor, parts: list[LoRAParts]) -> list[torch.Tensor]:
+    """x (..., in) -> [x W_i^T + b_i + s_i (x A_i^T) B_i^T (..., out_i)] for projections that share x, in x's
+    dtype (the module docstring)."""
+    in_features = x.shape[-1]
+    x2 = x.reshape(-1, in_features)
+    a = [p.lora_A.to(x.dtype) for p in parts]                  # no-ops when the dtypes agree
+    a = torch.cat(a) if len(a) > 1 else a[0]                    # (R, in)
+    h = LoRAInputFn.apply(x2, a)
+    outs = LoRAProductFn.apply(len(parts), tuple(float(p.scale) for p in parts), x2, h, a.detach(),
+                               *(p.weight for p in parts), *(p.bias for p in parts), *(p.lora_B for p in parts))
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """x (..., in) -> x W^T + b + scale (x A^T) B^T (..., out), in x's dtype (the module docstring)."""
-    return LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, float(scale))
+    """x (..., in) -> x W^T + b + scale (x A^T) B^T (..., out), in x's dtype (one projection; see lora_group)."""
+    return lora_group(x, [LoRAParts(weight, bias, lora_A, lora_B, scale)])[0]
+
+
+def project(x: torch.Tensor, layers) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], for linear layers that share their input x (..., in). Where every layer
+    offers its adapter's tensors (`lora_parts()` returns LoRAParts, as a LoRA layer without dropout in training
+    does), the group runs as one lora_group; otherwise each layer runs on its own."""
+    parts = [getattr(layer, "lora_parts", lambda: None)() for layer in layers]
+    if len(layers) > 1 and all(p is not None for p in parts):
+        return lora_group(x, parts)
+    return [layer(x) for layer in layers]

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from . import ops
 from .activation_offload import offloaded_checkpoint
 from .config import FalconH1Config
+from .lora_autograd import project
 
 if TYPE_CHECKING:
     from .cache import HybridCache, LayerCache
@@ -95,8 +96,14 @@ class Attention(nn.Module):
         backward) that the factors would otherwise cost in training."""
         if not self._bias_free():
             return self.forward(x, cos, sin, padding_mask, seq_idx), 1.0
+        return self.unscaled_from_projections(*project(x, [self.q_proj, self.k_proj, self.v_proj]), cos, sin,
+                                              padding_mask, seq_idx)
+
+    def unscaled_from_projections(self, q, k, v, cos, sin, padding_mask=None, seq_idx=None):
+        """unscaled(x) from the bias-free projections of x: q (b, l, hq * d), k, v (b, l, hk * d) (a caller may make
+        them in one group with other projections of x: DecoderLayer)."""
         a = self.in_multiplier
-        q, k, v = self._rotated_qkv(x, cos, sin, None)
+        q, k, v = self._rotate(q, k, v, cos, sin, None)
         o = self._attention(q, k, v, self.head_dim ** -0.5 * a * a * self.key_multiplier, padding_mask, seq_idx)
         return self._out(o), a
 
@@ -106,12 +113,17 @@ class Attention(nn.Module):
     def _rotated_qkv(self, x, cos, sin, key_factor: float | None):
         """q (b, hq, l, d), k, v (b, hk, l, d) from x (b, l, hidden): RoPE on q and k, k times key_factor (if any)
         before it."""
-        b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return self._rotate(*project(x, [self.q_proj, self.k_proj, self.v_proj]), cos, sin, key_factor)
+
+    def _rotate(self, q, k, v, cos, sin, key_factor: float | None):
+        """Heads of the projections q (b, l, hq * d), k, v (b, l, hk * d) -> q (b, hq, l, d), k, v (b, hk, l, d):
+        RoPE on q and k, k times key_factor (if any) before it."""
+        b, l, _ = q.shape
+        q = q.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if key_factor is not None:
             k = k * key_factor
-        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin)
         return q, k, v
 
@@ -284,7 +296,8 @@ class MLP(nn.Module):
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP before its down_multiplier (the decoder layer applies it in the residual add)."""
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.gate_multiplier))
+        gate, up = project(x, [self.gate_proj, self.up_proj])
+        return self.down_proj(ops.swiglu(gate, up, self.gate_multiplier))
 
 
 class DecoderLayer(nn.Module):
@@ -302,10 +315,18 @@ class DecoderLayer(nn.Module):
         if cache is not None and cache.decoding and self._skinny_decode_ok(x):
             return self._skinny_decode(x, cos, sin, cache)
         h = self.input_layernorm(x)
-        mamba_out = self.mamba(h, padding_mask, seq_idx, cache)
-        if cache is None:   # the attention_in factor comes back as a factor on its output (Attention.unscaled)
+        if cache is None and padding_mask is None and self._shares_input():
+            # in_proj, q, k and v of the same h in one group (LoRA: one adapter product for the four, their input
+            # gradients summed by the products); the attention_in factor comes back as a factor on its output
+            mamba, attn = self.mamba, self.self_attn
+            zxbcdt, q, k, v = project(h, [mamba.in_proj, attn.q_proj, attn.k_proj, attn.v_proj])
+            mamba_out = mamba.out_proj(mamba.mix(zxbcdt, None, seq_idx))
+            attn_out, attn_factor = attn.unscaled_from_projections(q, k, v, cos, sin, None, seq_idx)
+        elif cache is None:   # the attention_in factor comes back as a factor on its output (Attention.unscaled)
+            mamba_out = self.mamba(h, padding_mask, seq_idx)
             attn_out, attn_factor = self.self_attn.unscaled(h, cos, sin, padding_mask, seq_idx)
         else:
+            mamba_out = self.mamba(h, padding_mask, seq_idx, cache)
             attn_out, attn_factor = self.self_attn(h, cos, sin, padding_mask, seq_idx, cache), 1.0
         # x + (mamba * ssm_out + attention * attention_out) with the MLP's input norm of it, then x + mlp * down:
         # one fused kernel each on CUDA (ops/fused.py; with a one-kernel backward in training).
@@ -313,6 +334,12 @@ class DecoderLayer(nn.Module):
         x, h = ops.residual_mix_norm(x, mamba_out, attn_out, self.ssm_out_multiplier,
                                      self.attention_out_multiplier * attn_factor, norm.weight, norm.eps)
         return ops.residual_add(x, self.feed_forward.unscaled(h), self.feed_forward.down_multiplier)
+
+    def _shares_input(self) -> bool:
+        """in_proj, q, k and v take the normed input as it is: no input bias on any of them (the µP input factors
+        then move to their outputs: MambaMixer.block_factors, Attention.unscaled). Padding, which in_proj's input
+        has zeroed, is the caller's condition."""
+        return self.mamba.in_proj.bias is None and self.self_attn._bias_free()
 
     def _projections(self) -> tuple[nn.Module, ...]:
         attn, mamba, mlp = self.self_attn, self.mamba, self.feed_forward
@@ -387,8 +414,11 @@ class FalconH1Model(nn.Module):
                 hidden = offloaded_checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx,
                                               preserve_rng_state=self.checkpoint_preserves_rng)
             elif recompute:
-                hidden = checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx, use_reentrant=False,
-                                    preserve_rng_state=self.checkpoint_preserves_rng)
+                # Early stop (torch's default, made explicit): the recomputation ends at the last op that saved a
+                # tensor, so what follows it (down_proj's products, the residual add) is not run again.
+                with set_checkpoint_early_stop(True):
+                    hidden = checkpoint(layer, hidden, cos, sin, padding_mask, seq_idx, use_reentrant=False,
+                                        preserve_rng_state=self.checkpoint_preserves_rng)
             else:
                 hidden = layer(hidden, cos, sin, padding_mask, seq_idx)
         return self.final_layernorm(hidden)

@@ -96,45 +96,132 @@ def test_bad_targets():
 
 @pytest.mark.parametrize("bias, train_base, dtype", [(False, False, torch.float64), (True, True, torch.float64),
                                                      (True, False, torch.bfloat16)])
-def test_lora_linear_function_matches_the_plain_expression(bias, train_base, dtype):
-    """LoRALinearFn (one autograd function, its adapter gradient accumulated inside the products) gives the output and
-    every gradient of x W^T + b + scale (x A^T) B^T: exactly in float64 (up to rounding), and within bf16 rounding of
-    the float64 values for a bf16 base with float32 adapters."""
-    from gyrfalcon.lora_autograd import lora_linear
+@pytest.mark.parametrize("n", [1, 3])
+def test_lora_group_matches_the_plain_expressions(n, bias, train_base, dtype):
+    """lora_linear (n = 1) and lora_group (projections of different widths, ranks and scales sharing x: one adapter
+    product for the group, every input gradient accumulated inside the products) give the outputs and every
+    gradient of x W_i^T + b_i + s_i (x A_i^T) B_i^T: exactly in float64 (up to rounding), and within bf16 rounding
+    of the float64 values for a bf16 base with float32 adapters."""
+    from gyrfalcon.lora_autograd import LoRAParts, lora_group, lora_linear
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 7, 24, generator=gen, dtype=torch.float64)
-    w = torch.randn(40, 24, generator=gen, dtype=torch.float64) / 5
-    b = torch.randn(40, generator=gen, dtype=torch.float64) if bias else None
-    A = torch.randn(4, 24, generator=gen, dtype=torch.float64) / 5
-    B = torch.randn(40, 4, generator=gen, dtype=torch.float64) / 2
-    dy = torch.randn(2, 7, 40, generator=gen, dtype=torch.float64)
-    scale = 2.5
+    outs, ranks, scales = [40, 16, 8][:n], [4, 2, 3][:n], [2.5, 0.5, 1.0][:n]
+    projs = [dict(w=torch.randn(o, 24, generator=gen, dtype=torch.float64) / 5,
+                  b=torch.randn(o, generator=gen, dtype=torch.float64) if bias else None,
+                  A=torch.randn(r, 24, generator=gen, dtype=torch.float64) / 5,
+                  B=torch.randn(o, r, generator=gen, dtype=torch.float64) / 2,
+                  dy=torch.randn(2, 7, o, generator=gen, dtype=torch.float64)) for o, r in zip(outs, ranks)]
 
     def leaves(base_dtype, adapter_dtype):
-        out = [t.detach().to(dt) if t is not None else None
-               for t, dt in zip((x, w, b, A, B), (base_dtype,) * 3 + (adapter_dtype,) * 2)]
-        for t, grad in zip(out, (True, train_base, train_base, True, True)):
-            if t is not None:
-                t.requires_grad_(grad)
-        return out
+        def leaf(t, dt, grad):
+            return None if t is None else t.detach().to(dt).requires_grad_(grad)
+        xs = leaf(x, base_dtype, True)
+        return xs, [LoRAParts(leaf(p["w"], base_dtype, train_base), leaf(p["b"], base_dtype, train_base),
+                              leaf(p["A"], adapter_dtype, True), leaf(p["B"], adapter_dtype, True), s)
+                    for p, s in zip(projs, scales)]
 
-    ref_in = leaves(torch.float64, torch.float64)
-    xr, wr, br, ar, lbr = ref_in
-    ref = torch.nn.functional.linear(xr, wr, br) + scale * (xr @ ar.t()) @ lbr.t()
-    ref.backward(dy)
-    got_in = leaves(dtype, torch.float32 if dtype == torch.bfloat16 else torch.float64)
-    got = lora_linear(*got_in, scale)
-    got.backward(dy.to(dtype))
+    xr, ref_parts = leaves(torch.float64, torch.float64)
+    refs = [torch.nn.functional.linear(xr, p.weight, p.bias) + p.scale * (xr @ p.lora_A.t()) @ p.lora_B.t()
+            for p in ref_parts]
+    torch.autograd.backward(refs, [p["dy"] for p in projs])
+    xg, parts = leaves(dtype, torch.float32 if dtype == torch.bfloat16 else torch.float64)
+    if n == 1:
+        p = parts[0]
+        got = [lora_linear(xg, p.weight, p.bias, p.lora_A, p.lora_B, p.scale)]
+    else:
+        got = lora_group(xg, parts)
+    torch.autograd.backward(got, [p["dy"].to(dtype) for p in projs])
     tol = 1e-12 if dtype == torch.float64 else 2e-2
-    assert got.dtype == dtype and rel_err(got, ref) < tol
-    for g, r in zip(got_in, ref_in):
+    for g, r in zip(got, refs):
+        assert g.dtype == dtype and g.shape == r.shape and rel_err(g, r) < tol
+    pairs = [(xg, xr)] + [(getattr(g, f), getattr(r, f)) for g, r in zip(parts, ref_parts)
+                          for f in ("weight", "bias", "lora_A", "lora_B")]
+    for g, r in pairs:
         if r is None:
             continue
         if r.requires_grad:
             assert g.grad is not None and g.grad.dtype == g.dtype and rel_err(g.grad, r.grad) < tol
         else:
             assert g.grad is None
+
+
+def test_project_groups_only_layers_that_offer_their_adapters():
+    """project() runs LoRA layers that share an input as one group (one node makes all of their outputs); a plain
+    linear layer, or a LoRA layer with dropout in training, makes each layer run on its own, with the same outputs."""
+    from gyrfalcon.lora import LoRALinear
+    from gyrfalcon.lora_autograd import project
+
+    torch.manual_seed(0)
+    layers = [LoRALinear.from_linear(torch.nn.Linear(16, o, bias=False), r=2, alpha=4) for o in (8, 12)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16, requires_grad=True)
+
+    def product_node(y):
+        """The autograd node that made y, behind its reshape."""
+        node = y.grad_fn
+        return node.next_functions[0][0] if type(node).__name__ == "ViewBackward0" else node
+
+    grouped = project(x, layers)
+    assert product_node(grouped[0]) is product_node(grouped[1])
+    assert type(product_node(grouped[0])).__name__ == "LoRAProductFnBackward"
+    for y, layer in zip(grouped, layers):
+        assert rel_err(y, layer(x)) < 1e-6
+    plain = torch.nn.Linear(16, 4, bias=False)
+    mixed = project(x, [layers[0], plain])
+    assert product_node(mixed[0]) is not product_node(mixed[1]) and torch.equal(mixed[1], plain(x))
+    dropout = LoRALinear.from_linear(torch.nn.Linear(16, 8, bias=False), r=2, alpha=4, dropout=0.5).train()
+    assert dropout.lora_parts() is None and dropout.eval().lora_parts() is not None
+    separate = project(x, [layers[0], dropout.train()])
+    assert product_node(separate[0]) is not product_node(separate[1])
+
+
+def test_checkpointed_layers_do_not_recompute_down_proj():
+    """With activation checkpointing the backward recomputes each layer only up to down_proj's adapter input: the
+    down projection's base product runs once in the forward and once in the backward (its input gradient), where
+    gate_proj's runs again in the recomputation. The gradients equal those without checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = FalconH1ForCausalLM.from_config(tiny_config(), dtype=torch.float64, device="cpu", seed=0)
+    apply_lora(model, r=4, alpha=8)
+    randomize_adapters(model, seed=4)
+    model.train()
+    layers = model.model.layers
+    down = {layer.feed_forward.down_proj.weight.data_ptr() for layer in layers}
+    gate = {layer.feed_forward.gate_proj.weight.data_ptr() for layer in layers}
+
+    class ProductCount(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.down = self.gate = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                ptrs = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)}
+                self.down += bool(ptrs & down)
+                self.gate += bool(ptrs & gate)
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(3, 512, (2, 30), generator=torch.Generator().manual_seed(1))
+
+    def run(checkpointing: bool):
+        model.enable_gradient_checkpointing(checkpointing)
+        model.zero_grad(set_to_none=True)
+        with ProductCount() as forward:
+            loss = model(ids, labels=ids, return_logits=False).loss
+        with ProductCount() as backward:
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in lora_parameters(model).items()}
+        return forward, backward, grads
+
+    forward, backward, grads = run(True)
+    n = len(layers)
+    assert (forward.down, backward.down) == (n, n)
+    assert (forward.gate, backward.gate) == (n, 2 * n)       # the count sees a recomputed product
+    _, _, ref_grads = run(False)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-10, atol=1e-14), name
 
 
 def test_lora_layer_uses_the_plain_expression_with_dropout():
