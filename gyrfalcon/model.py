@@ -297,7 +297,8 @@ class MLP(nn.Module):
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP before its down_multiplier (the decoder layer applies it in the residual add)."""
         gate, up = project(x, [self.gate_proj, self.up_proj])
-        return self.down_proj(ops.swiglu(gate, up, self.gate_multiplier))
+        # down_proj ends the decoder layer: with LoRA, a checkpointed layer's recomputation stops before its products
+        return project(ops.swiglu(gate, up, self.gate_multiplier), [self.down_proj], layer_end=True)[0]
 
 
 class DecoderLayer(nn.Module):

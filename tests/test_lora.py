@@ -96,12 +96,12 @@ def test_bad_targets():
 
 @pytest.mark.parametrize("bias, train_base, dtype", [(False, False, torch.float64), (True, True, torch.float64),
                                                      (True, False, torch.bfloat16)])
-@pytest.mark.parametrize("n", [1, 3])
-def test_lora_group_matches_the_plain_expressions(n, bias, train_base, dtype):
+@pytest.mark.parametrize("n, layer_end", [(1, False), (1, True), (3, False), (3, True)])
+def test_lora_group_matches_the_plain_expressions(n, layer_end, bias, train_base, dtype):
     """lora_linear (n = 1) and lora_group (projections of different widths, ranks and scales sharing x: one adapter
-    product for the group, every input gradient accumulated inside the products) give the outputs and every
-    gradient of x W_i^T + b_i + s_i (x A_i^T) B_i^T: exactly in float64 (up to rounding), and within bf16 rounding
-    of the float64 values for a bf16 base with float32 adapters."""
+    product for the group, every input gradient accumulated inside the products; h kept on the context or saved)
+    give the outputs and every gradient of x W_i^T + b_i + s_i (x A_i^T) B_i^T: exactly in float64 (up to
+    rounding), and within bf16 rounding of the float64 values for a bf16 base with float32 adapters."""
     from gyrfalcon.lora_autograd import LoRAParts, lora_group, lora_linear
 
     gen = torch.Generator().manual_seed(3)
@@ -126,11 +126,11 @@ def test_lora_group_matches_the_plain_expressions(n, bias, train_base, dtype):
             for p in ref_parts]
     torch.autograd.backward(refs, [p["dy"] for p in projs])
     xg, parts = leaves(dtype, torch.float32 if dtype == torch.bfloat16 else torch.float64)
-    if n == 1:
+    if n == 1 and not layer_end:
         p = parts[0]
         got = [lora_linear(xg, p.weight, p.bias, p.lora_A, p.lora_B, p.scale)]
     else:
-        got = lora_group(xg, parts)
+        got = lora_group(xg, parts, layer_end=layer_end)
     torch.autograd.backward(got, [p["dy"].to(dtype) for p in projs])
     tol = 1e-12 if dtype == torch.float64 else 2e-2
     for g, r in zip(got, refs):
