@@ -99,6 +99,9 @@ class LoRAProductFn(torch.autograd.Function):
         ctx.n, ctx.scales, ctx.ranks = n, scales, ranks
         ctx.x_dtype = x.dtype
         ctx.a, ctx.weights, ctx.bs = a, weights, bs
+        # Tensors on the context escape autograd's check that nothing saved was modified in place before the
+        # backward (an optimizer step between the two): the same check, by hand.
+        ctx.versions = [t._version for t in (a, *weights, *bs)]
         ctx.b_dtypes = [b.dtype for b in lora_bs]
         ctx.bias_dtypes = [bias.dtype if bias is not None else None for bias in biases]
         return tuple(outs)
@@ -110,6 +113,9 @@ class LoRAProductFn(torch.autograd.Function):
         need_x, need_h = needs[3], needs[4]
         need_w, need_bias, need_b = needs[6:6 + n], needs[6 + n:6 + 2 * n], needs[6 + 2 * n:]
         dtype = ctx.x_dtype
+        if [t._version for t in (ctx.a, *ctx.weights, *ctx.bs)] != ctx.versions:
+            raise RuntimeError("a LoRA layer's weight or adapter was modified in place between the forward and the "
+                               "backward: run the backward before changing the model's parameters")
         x, h = ctx.saved_tensors
         h = ctx.kept_h if h is None else h
         dys = [dy if dy.dtype == dtype else dy.to(dtype) for dy in dys]
@@ -153,12 +159,24 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return lora_group(x, [LoRAParts(weight, bias, lora_A, lora_B, scale)])[0]
 
 
+def _parts(layers) -> list[LoRAParts] | None:
+    """Every layer's LoRAParts (`lora_parts()`, as a LoRA layer without dropout in training offers them), or None
+    when one of them offers none."""
+    parts = [getattr(layer, "lora_parts", lambda: None)() for layer in layers]
+    return parts if all(p is not None for p in parts) else None
+
+
+def groupable(layers) -> bool:
+    """Whether project() would run these layers as one lora_group."""
+    return _parts(layers) is not None
+
+
 def project(x: torch.Tensor, layers, *, layer_end: bool = False) -> list[torch.Tensor]:
     """[layer(x) for layer in layers], for linear layers that share their input x (..., in). Where every layer
-    offers its adapter's tensors (`lora_parts()` returns LoRAParts, as a LoRA layer without dropout in training
-    does), the group runs as one lora_group (with layer_end: see the module docstring); otherwise each layer runs
-    on its own."""
-    parts = [getattr(layer, "lora_parts", lambda: None)() for layer in layers]
-    if (len(layers) > 1 or layer_end) and all(p is not None for p in parts):
+    offers its adapter's tensors (groupable), the group runs as one lora_group (with layer_end: see the module
+    docstring), and the layers' own forward, with any hook on it, is not called; otherwise each layer runs on its
+    own."""
+    parts = _parts(layers)
+    if parts is not None and (len(layers) > 1 or layer_end):
         return lora_group(x, parts, layer_end=layer_end)
     return [layer(x) for layer in layers]

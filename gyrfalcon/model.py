@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from . import ops
 from .activation_offload import offloaded_checkpoint
 from .config import FalconH1Config
-from .lora_autograd import project
+from .lora_autograd import groupable, project
 
 if TYPE_CHECKING:
     from .cache import HybridCache, LayerCache
@@ -317,12 +317,7 @@ class DecoderLayer(nn.Module):
             return self._skinny_decode(x, cos, sin, cache)
         h = self.input_layernorm(x)
         if cache is None and padding_mask is None and self._shares_input():
-            # in_proj, q, k and v of the same h in one group (LoRA: one adapter product for the four, their input
-            # gradients summed by the products); the attention_in factor comes back as a factor on its output
-            mamba, attn = self.mamba, self.self_attn
-            zxbcdt, q, k, v = project(h, [mamba.in_proj, attn.q_proj, attn.k_proj, attn.v_proj])
-            mamba_out = mamba.out_proj(mamba.mix(zxbcdt, None, seq_idx))
-            attn_out, attn_factor = attn.unscaled_from_projections(q, k, v, cos, sin, None, seq_idx)
+            mamba_out, attn_out, attn_factor = self._grouped_mixers(h, cos, sin, seq_idx)
         elif cache is None:   # the attention_in factor comes back as a factor on its output (Attention.unscaled)
             mamba_out = self.mamba(h, padding_mask, seq_idx)
             attn_out, attn_factor = self.self_attn.unscaled(h, cos, sin, padding_mask, seq_idx)
@@ -337,10 +332,22 @@ class DecoderLayer(nn.Module):
         return ops.residual_add(x, self.feed_forward.unscaled(h), self.feed_forward.down_multiplier)
 
     def _shares_input(self) -> bool:
-        """in_proj, q, k and v take the normed input as it is: no input bias on any of them (the µP input factors
-        then move to their outputs: MambaMixer.block_factors, Attention.unscaled). Padding, which in_proj's input
-        has zeroed, is the caller's condition."""
-        return self.mamba.in_proj.bias is None and self.self_attn._bias_free()
+        """in_proj, q, k and v take the normed input as it is (no input bias on any of them: the µP input factors
+        then move to their outputs, MambaMixer.block_factors, Attention.unscaled), and run as one LoRA group
+        (lora_autograd.groupable). Padding, which in_proj's input has zeroed, is the caller's condition."""
+        mamba, attn = self.mamba, self.self_attn
+        return (mamba.in_proj.bias is None and attn._bias_free()
+                and groupable([mamba.in_proj, attn.q_proj, attn.k_proj, attn.v_proj]))
+
+    def _grouped_mixers(self, h, cos, sin, seq_idx):
+        """(mamba_out, attn_out, attn_factor) as forward's uncached path makes them, with in_proj, q, k and v of h
+        in one LoRA group (one adapter product for the four, their input gradients summed by the products)."""
+        mamba, attn = self.mamba, self.self_attn
+        zxbcdt, q, k, v = project(h, [mamba.in_proj, attn.q_proj, attn.k_proj, attn.v_proj])
+        mamba_out = mamba.out_proj(mamba.mix(zxbcdt, None, seq_idx))
+        del zxbcdt  # not held through the attention: at long sequences it is one of the layer's largest tensors
+        attn_out, attn_factor = attn.unscaled_from_projections(q, k, v, cos, sin, None, seq_idx)
+        return mamba_out, attn_out, attn_factor
 
     def _projections(self) -> tuple[nn.Module, ...]:
         attn, mamba, mlp = self.self_attn, self.mamba, self.feed_forward

@@ -237,3 +237,32 @@ def test_lora_layer_uses_the_plain_expression_with_dropout():
     layer.eval()
     y_eval = layer(x)
     assert not torch.allclose(y1, y_eval)   # dropout acted in training mode: the adapter saw a masked input
+
+
+@pytest.mark.parametrize("layer_end", [False, True])
+def test_changing_a_weight_between_forward_and_backward_is_an_error(layer_end):
+    """The product node keeps the weights on its context (not autograd's saved tensors): an in-place change before
+    the backward is caught as autograd would catch it, not turned into a wrong gradient."""
+    from gyrfalcon.lora import LoRALinear
+    from gyrfalcon.lora_autograd import project
+
+    layer = LoRALinear.from_linear(torch.nn.Linear(16, 8, bias=False), r=2, alpha=4)
+    x = torch.randn(3, 16, requires_grad=True)
+    (y,) = project(x, [layer], layer_end=layer_end)
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        y.sum().backward()
+
+
+def test_a_plain_model_still_calls_its_mixer_modules():
+    """Without adapters nothing is grouped: the uncached forward calls the Mamba mixer and q_proj as modules (so
+    forward hooks on them fire), as before grouping existed."""
+    model = FalconH1ForCausalLM.from_config(tiny_config(), dtype=torch.float32, device="cpu", seed=0)
+    called = []
+    layer = model.model.layers[0]
+    for name, module in (("mamba", layer.mamba), ("q_proj", layer.self_attn.q_proj),
+                         ("down_proj", layer.feed_forward.down_proj)):
+        module.register_forward_hook(lambda *args, name=name: called.append(name))
+    model(torch.randint(3, 512, (1, 12)))
+    assert sorted(called) == ["down_proj", "mamba", "q_proj"]
