@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_autograd import LoRAParts, lora_linear
+from .lora_autograd import LoRAParts, lora_group
 from .quant import Linear4bit
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "out_proj")
@@ -135,11 +135,12 @@ class LoRALinear(LoRALayer, nn.Linear):
         return LoRAParts(self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.lora_parts()
+        if parts is not None:
+            # autograd functions whose backward accumulates the adapter's input gradient into the base's
+            return lora_group(x, [parts])[0]
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        if self.dropout_p == 0.0 or not self.training:
-            # autograd functions whose backward accumulates the adapter's input gradient into the base's
-            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
         return self.add_adapter_output(F.linear(x, self.weight, self.bias), x)
 
     @torch.no_grad()

@@ -159,24 +159,19 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return lora_group(x, [LoRAParts(weight, bias, lora_A, lora_B, scale)])[0]
 
 
-def _parts(layers) -> list[LoRAParts] | None:
+def group_parts(layers) -> list[LoRAParts] | None:
     """Every layer's LoRAParts (`lora_parts()`, as a LoRA layer without dropout in training offers them), or None
-    when one of them offers none."""
+    when one of them offers none: the layers can run as one lora_group."""
     parts = [getattr(layer, "lora_parts", lambda: None)() for layer in layers]
     return parts if all(p is not None for p in parts) else None
 
 
-def groupable(layers) -> bool:
-    """Whether project() would run these layers as one lora_group."""
-    return _parts(layers) is not None
-
-
 def project(x: torch.Tensor, layers, *, layer_end: bool = False) -> list[torch.Tensor]:
     """[layer(x) for layer in layers], for linear layers that share their input x (..., in). Where every layer
-    offers its adapter's tensors (groupable), the group runs as one lora_group (with layer_end: see the module
+    offers its adapter's tensors (group_parts), the group runs as one lora_group (with layer_end: see the module
     docstring), and the layers' own forward, with any hook on it, is not called; otherwise each layer runs on its
     own."""
-    parts = _parts(layers)
+    parts = group_parts(layers)
     if parts is not None and (len(layers) > 1 or layer_end):
         return lora_group(x, parts, layer_end=layer_end)
     return [layer(x) for layer in layers]

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from . import ops
 from .activation_offload import offloaded_checkpoint
 from .config import FalconH1Config
-from .lora_autograd import groupable, project
+from .lora_autograd import LoRAParts, group_parts, lora_group, project
 
 if TYPE_CHECKING:
     from .cache import HybridCache, LayerCache
@@ -316,8 +316,9 @@ class DecoderLayer(nn.Module):
         if cache is not None and cache.decoding and self._skinny_decode_ok(x):
             return self._skinny_decode(x, cos, sin, cache)
         h = self.input_layernorm(x)
-        if cache is None and padding_mask is None and self._shares_input():
-            mamba_out, attn_out, attn_factor = self._grouped_mixers(h, cos, sin, seq_idx)
+        group = self._input_group() if cache is None and padding_mask is None else None
+        if group is not None:
+            mamba_out, attn_out, attn_factor = self._grouped_mixers(h, group, cos, sin, seq_idx)
         elif cache is None:   # the attention_in factor comes back as a factor on its output (Attention.unscaled)
             mamba_out = self.mamba(h, padding_mask, seq_idx)
             attn_out, attn_factor = self.self_attn.unscaled(h, cos, sin, padding_mask, seq_idx)
@@ -331,19 +332,22 @@ class DecoderLayer(nn.Module):
                                      self.attention_out_multiplier * attn_factor, norm.weight, norm.eps)
         return ops.residual_add(x, self.feed_forward.unscaled(h), self.feed_forward.down_multiplier)
 
-    def _shares_input(self) -> bool:
-        """in_proj, q, k and v take the normed input as it is (no input bias on any of them: the µP input factors
-        then move to their outputs, MambaMixer.block_factors, Attention.unscaled), and run as one LoRA group
-        (lora_autograd.groupable). Padding, which in_proj's input has zeroed, is the caller's condition."""
+    def _input_group(self) -> list[LoRAParts] | None:
+        """The LoRAParts of in_proj, q, k and v where they take the normed input as it is (no input bias on any of
+        them: the µP input factors then move to their outputs, MambaMixer.block_factors, Attention.unscaled) and
+        form one LoRA group (lora_autograd.group_parts); else None. Padding, which in_proj's input has zeroed, is the
+        caller's condition."""
         mamba, attn = self.mamba, self.self_attn
-        return (mamba.in_proj.bias is None and attn._bias_free()
-                and groupable([mamba.in_proj, attn.q_proj, attn.k_proj, attn.v_proj]))
+        if mamba.in_proj.bias is not None or not attn._bias_free():
+            return None
+        return group_parts([mamba.in_proj, attn.q_proj, attn.k_proj, attn.v_proj])
 
-    def _grouped_mixers(self, h, cos, sin, seq_idx):
+    def _grouped_mixers(self, h, group: list[LoRAParts], cos, sin, seq_idx):
         """(mamba_out, attn_out, attn_factor) as forward's uncached path makes them, with in_proj, q, k and v of h
-        in one LoRA group (one adapter product for the four, their input gradients summed by the products)."""
+        in one LoRA group (`group`, from _input_group: one adapter product for the four, their input gradients
+        summed by the products)."""
         mamba, attn = self.mamba, self.self_attn
-        zxbcdt, q, k, v = project(h, [mamba.in_proj, attn.q_proj, attn.k_proj, attn.v_proj])
+        zxbcdt, q, k, v = lora_group(h, group)
         mamba_out = mamba.out_proj(mamba.mix(zxbcdt, None, seq_idx))
         del zxbcdt  # not held through the attention: at long sequences it is one of the layer's largest tensors
         attn_out, attn_factor = attn.unscaled_from_projections(q, k, v, cos, sin, None, seq_idx)
