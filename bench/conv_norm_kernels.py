@@ -18,8 +18,12 @@ store): its fwd+bwd lines also carry `min_passes_floor_ms` (5 passes: x twice, y
 separate forward and backward kernels can move.
 gbps is those floor bytes over the measured time. kernel_ms is the GPU time of the launched kernels alone
 (torch.profiler), and kernel_share_of_floor the floor over it: small ops timed one call at a time are bound by
-the host's launch overhead, which a model step hides behind other GPU work. Triton lines of the forward pass also
-carry max_rel_err against the reference on the same inputs. Runs in well under 2 minutes.
+the host's launch overhead, which a model step hides behind other GPU work. The conv's Triton lines also carry
+span_ms: the call replayed from a CUDA graph, each pass timed from its first kernel's start to its last one's end
+(the gaps between a pass's kernels count; two kernels' overlap under programmatic dependent launch counts once;
+the gap between the forward and the backward does not: in a model other work runs there), and fwd+bwd lines
+span_over_min_passes. Triton lines of the forward pass also carry max_rel_err against the reference on the same
+inputs. Runs in well under 2 minutes.
 """
 
 from __future__ import annotations
@@ -72,6 +76,44 @@ def kernel_ms(fn, iters: int = 20) -> float:
     return total_us / iters / 1e3
 
 
+def graph_span_ms(fn, first_pass_kernels: int | None = None, replays: int = 20) -> float:
+    """GPU time of one call captured in a CUDA graph, from its first kernel's start to its last one's end, with the
+    gap between the forward's kernels and the backward's taken out (in a model other work runs there):
+    first_pass_kernels = how many of the call's kernels are the forward's (None: the call is one pass). Unlike
+    kernel_ms this counts the gaps between one pass's kernels (a kernel waiting for the one before it) and does not
+    count twice the time two kernels overlap (programmatic dependent launch). Median over replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    per_call = len(kernels) // replays
+    if per_call == 0 or len(kernels) % replays:
+        raise RuntimeError(f"graph_span_ms: {len(kernels)} kernels over {replays} replays")
+    spans = []
+    for i in range(replays):
+        call = kernels[i * per_call:(i + 1) * per_call]
+        split = first_pass_kernels if first_pass_kernels is not None else per_call
+        passes = [call[:split], call[split:]]
+        spans.append(sum(max(e for _, e in p) - p[0][0] for p in passes if p))
+    del graph
+    return sorted(spans)[len(spans) // 2] / 1e3
+
+
 def emit(op, impl, shape, b, l, pas, ms, floor_bytes, **extra):
     floor_ms = floor_bytes / HBM_BYTES_PER_S * 1e3
     print(json.dumps({"op": op, "impl": impl, "shape": shape, "batch": b, "seqlen": l, "dtype": "bf16", "pass": pas,
@@ -97,21 +139,43 @@ def fwd_and_fwd_bwd(fn, inputs, cot):
     return fwd, fwd_bwd
 
 
-def bench_pair(op, shape, b, l, impls, inputs, cot, floor_fwd, floor_fwd_bwd, min_bytes_fwd_bwd=None, **extra):
+def count_kernels(fn) -> int:
+    """Kernels one call of fn launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA"))
+
+
+def bench_pair(op, shape, b, l, impls, inputs, cot, floor_fwd, floor_fwd_bwd, min_bytes_fwd_bwd=None, spans=False,
+               **extra):
     """Times every impl on the same inputs; the first impl is the reference the others' outputs are checked against.
-    min_bytes_fwd_bwd: the least bytes separate forward and backward kernels can move, where above floor_fwd_bwd."""
+    min_bytes_fwd_bwd: the least bytes separate forward and backward kernels can move, where above floor_fwd_bwd.
+    spans: also time each kernel impl from a CUDA graph (span_ms, see graph_span_ms)."""
     ref_out = None
     for name, fn in impls:
         fwd, fwd_bwd = fwd_and_fwd_bwd(fn, inputs, cot)
         out = fwd()
         check = {} if ref_out is None else {"max_rel_err": round(max_rel_err(out, ref_out), 6)}
         ref_out = out if ref_out is None else ref_out
+        fwd_kernels = None
         for pas, f, floor in (("fwd", fwd, floor_fwd), ("fwd+bwd", fwd_bwd, floor_fwd_bwd)):
             gpu_ms = kernel_ms(f)
             more = dict(check) if pas == "fwd" else {}
+            if spans and name != "torch-ref":
+                if pas == "fwd":
+                    fwd_kernels = count_kernels(f)
+                span = graph_span_ms(f, fwd_kernels if pas == "fwd+bwd" else None)
+                more["span_ms"] = round(span, 5)
             if pas == "fwd+bwd" and min_bytes_fwd_bwd is not None:
                 min_ms = min_bytes_fwd_bwd / HBM_BYTES_PER_S * 1e3
                 more.update(min_passes_floor_ms=round(min_ms, 5), kernel_over_min_passes=round(gpu_ms / min_ms, 3))
+                if "span_ms" in more:
+                    more["span_over_min_passes"] = round(more["span_ms"] / min_ms, 3)
             emit(op, name, shape, b, l, pas, timed(f), floor, kernel_ms=round(gpu_ms, 5),
                  kernel_share_of_floor=round(floor / HBM_BYTES_PER_S * 1e3 / gpu_ms, 3), **more, **extra)
 
@@ -134,8 +198,8 @@ def conv_case(cfg, shape, b, l, sweep, contiguous_x=False, with_reference=True, 
         bias = (torch.randn(d, device="cuda", generator=gen) * 0.1).to(DTYPE)
         w.requires_grad_(weight_grad)
         bias.requires_grad_(weight_grad)
-        bench_pair("causal_conv1d", shape, b, l, impls, [x, w, bias], cot, 2 * n, 4 * n, 5 * n, channels=d,
-                   weight_grad=weight_grad, x_layout="contiguous" if contiguous_x else "in_proj slice")
+        bench_pair("causal_conv1d", shape, b, l, impls, [x, w, bias], cot, 2 * n, 4 * n, 5 * n, spans=True,
+                   channels=d, weight_grad=weight_grad, x_layout="contiguous" if contiguous_x else "in_proj slice")
 
 
 def launch_sweep(shape, b, l, x, k, n, gen):

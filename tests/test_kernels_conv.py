@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from gyrfalcon.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
 from gyrfalcon.ops.conv_triton import (ConvLaunch, _align, _param_grads, causal_conv1d_triton,  # noqa: E402
-                                       causal_conv1d_update_triton)
+                                       causal_conv1d_update_triton, default_launch)
 from helpers import BF16_FLOOR, DEV, rel_err  # noqa: E402
 
 F64 = torch.float64
@@ -209,7 +209,7 @@ def test_param_grad_sum_of_partials(k, want_dw, want_db):
     db_part = torch.randn(150, 37, generator=gen).to(DEV) if want_db else None
     weight = torch.zeros(37, k, device=DEV, dtype=torch.bfloat16)
     bias = torch.zeros(37, device=DEV)
-    dw, db = _param_grads(dw_part, db_part, weight, bias, 37, k)
+    dw, db = _param_grads(dw_part, db_part, weight, bias, 37, k, False)
     if want_dw:
         want = dw_part.to(F64).sum(0)[4 - k:].t()
         assert dw.dtype == torch.bfloat16 and dw.shape == (37, k)
@@ -293,6 +293,33 @@ def test_gpu_real_shapes_bf16_within_twice_eager(name):
     seq = [[l // 3, l // 2, l - l // 3 - l // 2]] * b
     for kernel, eager in low_precision_errors(torch.bfloat16, b, l, d, 4, seq, launch=None):
         assert kernel <= 2 * eager + BF16_FLOOR, (kernel, eager)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b, l", [(1, 2048), (4, 8192)])
+def test_gpu_weight_gradient_sum_launched_early_gives_the_same_bits(b, l):
+    """The weight/bias-gradient sum launched with PDL (its programs wait on the SMs for the backward's partials)
+    gives the same bits as one launched after the backward completes, run after run: a missing or misplaced wait
+    would read partials still being written. Both match float64."""
+    import dataclasses
+    leaves, _ = make_inputs(b, l, 1792, 4, dtype=torch.bfloat16, init=False)
+    cot = torch.randn(b, l, 1792, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
+    used = [leaves["x"], leaves["weight"], leaves["bias"]]
+    base = default_launch(b, l, 1792, leaves["x"].device, backward=True)
+    results = {}
+    for pdl in (False, True):
+        launch = dataclasses.replace(base, pdl=pdl)
+        runs = [torch.autograd.grad(causal_conv1d_triton(*used, launch=launch), used, cot) for _ in range(20)]
+        for other in runs[1:]:
+            assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
+        results[pdl] = runs[0]
+    assert all(torch.equal(a, c) for a, c in zip(results[False], results[True]))
+    ref = as_f64({"x": leaves["x"], "weight": leaves["weight"], "bias": leaves["bias"], "initial_state": None})
+    want = torch.autograd.grad(causal_conv1d_ref(ref["x"], ref["weight"], ref["bias"]), list(ref.values())[:3],
+                               cot.to(F64))
+    for got, w in zip(results[True], want):
+        assert rel_err(got, w) <= 4 * BF16_FLOOR
 
 
 @gpu

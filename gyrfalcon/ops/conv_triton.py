@@ -22,7 +22,8 @@ Backward recomputes the pre-activation from x (reading x again is cheaper than s
 t-3..t+4 when it has the input-gradients of tokens t..t+7 (dx[s] needs those of s..s+3); with packed documents,
 a tile inside one document skips the document masks (`_one_doc`). Weight and bias gradients
 are summed per program in fp32 registers, written as one partial per program and summed by one more small kernel
-(`_conv_param_grad_kernel`, deterministic).
+(`_conv_param_grad_kernel`, deterministic), launched with PDL (see pdl.py) so that its launch and ramp-up overlap
+the backward's last programs.
 Launch shapes come from `default_launch` (no autotuning: one compile per shape class); `ConvLaunch` overrides them.
 """
 
@@ -35,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import sm_count
-from .pdl import launch_options, pdl_supported, pdl_wait
+from .pdl import launch_options, pdl_release, pdl_supported, pdl_wait
 from .ssd_triton import _INTERPRET, _bound, _store
 
 WINDOW = 4  # register window slots: inputs t-3 .. t
@@ -50,10 +51,13 @@ PARAM_GRAD_PARTS = 64
 @dataclass(frozen=True)
 class ConvLaunch:
     """Launch shape of the sequence kernels: channels per program, tokens per program, warps (defaults: the
-    forward's `default_launch` at 128 channels and more)."""
+    forward's `default_launch` at 128 channels and more); pdl: the backward's weight-gradient sum is launched with
+    programmatic dependent launch where the device has it (Hopper and later; False: after the backward completes,
+    as any launch, for comparisons)."""
     block_d: int = 128
     chunk_l: int = 32
     num_warps: int = 2
+    pdl: bool = True
 
     def __post_init__(self):
         if self.chunk_l % TILE_L.value or self.chunk_l < TILE_L.value or self.block_d & (self.block_d - 1):
@@ -412,7 +416,10 @@ def _conv_bwd_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     WANT_DINIT: tl.constexpr, HAS_DFINAL: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_L: tl.constexpr,
+    SUMS_PDL: tl.constexpr,
 ):
+    # SUMS_PDL: the weight-gradient sum that follows may launch now and wait on the SMs this kernel frees
+    pdl_release(SUMS_PDL)
     pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -487,7 +494,7 @@ def _conv_bwd_kernel(
 def _conv_param_grad_kernel(
     dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, D, stride_dwd, stride_dwk,
     K: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, PDL: tl.constexpr,
 ):
     """dw (D, K) and db (D,), in their own dtypes, from the backward's fp32 partials, one per program of it:
     dw partials (n_parts, 4, D) (window slot-major, channels contiguous), db partials (n_parts, D).
@@ -495,7 +502,9 @@ def _conv_param_grad_kernel(
     fixed order (deterministic); rows 0..3 are the window slots of dw (slot s is weight column s - (4 - K)),
     row 4 is db. One launch where torch took four (dw's sum and cast to the weight's dtype, db's sum and cast).
     The two loops stay written out: one helper taking a row pointer and a part stride made the whole conv 0.5-1.5%
-    slower on an H100 (same bits; `conv_param_grads_refactor_session9_ff8e226.jsonl`)."""
+    slower on an H100 (same bits; `conv_param_grads_refactor_session9_ff8e226.jsonl`).
+    PDL: launched while the backward runs; its programs wait here until the backward's partials are all written."""
+    pdl_wait(PDL)
     pid_c, row = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < D
@@ -617,6 +626,9 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
     dw_part = torch.empty((b * n_l, WINDOW, d), dtype=torch.float32, device=x.device) if want_dw else None
     db_part = torch.empty((b * n_l, d), dtype=torch.float32, device=x.device) if want_db else None
     grid = (triton.cdiv(d, launch.block_d), n_l, b)
+    # the sum kernel's launch and ramp-up overlap the backward's last programs (at 1 x 2K tokens the backward runs
+    # for ~9 us, the sum's own work ~1 us)
+    pdl = launch.pdl and (want_dw or want_db) and pdl_supported(x.device)
     _conv_bwd_kernel[grid](
         x, weight, bias if bias is not None else weight, initial_state if initial_state is not None else x,
         seq_idx if seq_idx is not None else x, dy, dfinal if dfinal is not None else dy, dx,
@@ -629,15 +641,16 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
         K=k, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
         WANT_DINIT=dinit is not None, HAS_DFINAL=dfinal is not None, WANT_DW=want_dw, WANT_DB=want_db,
         X_ALIGN=_align(x), DY_ALIGN=_align(dy),
-        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l, num_warps=launch.num_warps,
+        BLOCK_D=launch.block_d, CHUNK_L=launch.chunk_l, SUMS_PDL=pdl, num_warps=launch.num_warps,
     )
-    dw, db = _param_grads(dw_part, db_part, weight, bias, d, k) if want_dw or want_db else (None, None)
+    dw, db = _param_grads(dw_part, db_part, weight, bias, d, k, pdl) if want_dw or want_db else (None, None)
     return dx, dw, db, dinit.contiguous() if dinit is not None else None
 
 
-def _param_grads(dw_part, db_part, weight, bias, d, k):
+def _param_grads(dw_part, db_part, weight, bias, d, k, pdl):
     """dw (d, k) in the weight's dtype and db (d,) in the bias's, from the backward's fp32 partials dw_part
-    (n_parts, 4, d) and db_part (n_parts, d); one of them may be None (that gradient is not wanted), not both."""
+    (n_parts, 4, d) and db_part (n_parts, d); one of them may be None (that gradient is not wanted), not both.
+    pdl: launched with programmatic dependent launch (the backward kernel released it)."""
     dw = torch.empty((d, k), dtype=weight.dtype, device=weight.device) if dw_part is not None else None
     db = torch.empty((d,), dtype=bias.dtype, device=weight.device) if db_part is not None else None
     some = dw_part if dw_part is not None else db_part        # stands in for the pointers not used
@@ -648,7 +661,7 @@ def _param_grads(dw_part, db_part, weight, bias, d, k):
         dw if dw is not None else some, db if db is not None else some, n_parts, d,
         *(dw.stride() if dw is not None else (0, 0)),
         K=k, WANT_DW=dw is not None, WANT_DB=db is not None, BLOCK_C=PARAM_GRAD_CHANNELS,
-        PARTS=PARAM_GRAD_PARTS, INTERP=_INTERPRET, num_warps=4,
+        PARTS=PARAM_GRAD_PARTS, INTERP=_INTERPRET, PDL=pdl, num_warps=4, **launch_options(pdl),
     )
     return dw, db
 

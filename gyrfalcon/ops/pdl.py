@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL, Hopper and later) for the kernels of a decode step.
+"""Programmatic dependent launch (PDL, Hopper and later) for the kernels of a decode step, and for the conv
+backward's weight-gradient sum.
 
 A decode step is a few hundred small kernels in a row, each a pass over some weights; between two of them the GPU
 normally drains the first completely, then launches and ramps up the second. With PDL the second kernel is launched
@@ -13,7 +14,8 @@ The contract, kept by every kernel launched with `launch_options()`:
   wait on the wrong kernel);
 - `pdl_wait` also signals (`griddepcontrol.launch_dependents`) that the next kernel may be launched: it only takes
   effect once every program of this kernel has started, so the next kernel's programs never crowd out this one's.
-Kernels launched without the option (cuBLAS, PyTorch's) are serialized as usual, before and after.
+Kernels launched without the option (cuBLAS, PyTorch's) are serialized as usual, before and after. A kernel launched
+without it can still let the PDL kernel after it launch early: `pdl_release(PDL)` as its first statement.
 
     from .pdl import launch_options, pdl_wait
     my_kernel[grid](..., PDL=pdl, **launch_options(pdl))     # pdl = pdl_supported(tensor.device)
@@ -54,4 +56,13 @@ def pdl_wait(PDL: tl.constexpr):
     (its writes visible), and let the next one launch. Nothing when PDL is off."""
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """First statement of a kernel that is not itself launched with PDL but is followed by one that is (the conv's
+    backward, then its weight-gradient sum): lets that one launch as soon as every program of this one has started;
+    its programs then wait in `pdl_wait` until this kernel has completed. Nothing when PDL is off."""
+    if PDL:
         gdc_launch_dependents()
