@@ -83,9 +83,12 @@ def test_fp32_forward_and_gradients_match_float64(b, l, d, k, bias, init, seq, a
         assert rel_err(got, want) <= 1e-5
 
 
-def test_default_launch_shape_matches_float64():
-    leaves, seq_idx = make_inputs(2, 37, 300, 4, seq=[[30, 7], [37]])
-    cots = cotangents_for(2, 37, 300, 4, True, torch.float32)
+@pytest.mark.parametrize("l, fwd_chunk", [(37, 16), (400, 32)])
+def test_default_launch_shape_matches_float64(l, fwd_chunk):
+    """Both forward chunk lengths of `default_launch` (16 tokens when 32 would leave few programs per SM)."""
+    assert default_launch(2, l, 300, torch.device(DEV)).chunk_l == fwd_chunk or DEV != "cpu"
+    leaves, seq_idx = make_inputs(2, l, 300, 4, seq=[[30, 7], [37]] if l == 37 else [[100, 300], [l]])
+    cots = cotangents_for(2, l, 300, 4, True, torch.float32)
     outs, grads = run(causal_conv1d_triton, leaves, seq_idx, "silu", True, cots)
     outs64, grads64 = run(causal_conv1d_ref, as_f64(leaves), seq_idx, "silu", True, cots)
     for got, want in zip(outs + grads, outs64 + grads64):

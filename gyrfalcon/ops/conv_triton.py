@@ -69,7 +69,9 @@ def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bo
     """Launch shape of one pass, chosen from `bench/conv_norm_kernels.py --sweep` on an H100 (2026-11-24, tiled
     kernels, 0.5B and 7B shapes from 1 x 2K to 4 x 32K tokens; docs/benchmarks.md, eighth session).
     Both passes: 128 channels per program (fewer channels: the next power of two, at least 16).
-    Forward: 128 channels x 32 tokens, two warps: within 6% of the best of up to ten shapes everywhere.
+    Forward: 128 channels x 32 tokens, two warps: within 6% of the best of up to ten shapes everywhere; 16 tokens
+    where 32 would leave fewer than eight programs per SM (0.5B 1 x 2K: 10% faster; 7B 1 x 2K, which has twice the
+    programs, 3% slower with 16; eleventh session, `conv_launch_ab_session11_afdbf3c.jsonl`).
     Backward: 128 channels, four warps (one 16-byte vector per thread: its tiles hold x, dy, the gradients and dx),
     128-token chunks when that still leaves about six programs per SM, else 64 while four, else 32: the best or
     within 2% of it at every point swept (up to fifteen shapes); longer chunks halve the 3-token re-reads at each
@@ -77,10 +79,11 @@ def default_launch(b: int, l: int, d: int, device: torch.device, *, backward: bo
     loads were 16-byte vectors: the defaults stay within 11% of the best shape there (7B 1 x 8K: 128 x 32 on two
     warps 9% faster without weight gradients, 24% slower with them), and no other rule won everywhere."""
     block_d = 128 if d > 64 else triton.next_power_of_2(max(d, 16))
-    if not backward:
-        return ConvLaunch(block_d=block_d, chunk_l=32, num_warps=2)
     sms = sm_count(device, cpu_default=8)
     programs = b * triton.cdiv(d, block_d)
+    if not backward:
+        return ConvLaunch(block_d=block_d, chunk_l=32 if programs * triton.cdiv(l, 32) >= 8 * sms else 16,
+                          num_warps=2)
     chunk = 128
     while chunk > 32 and programs * triton.cdiv(l, chunk) < (6 if chunk == 128 else 4) * sms:
         chunk //= 2
