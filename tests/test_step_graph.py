@@ -120,6 +120,29 @@ def test_gpu_graph_replay_equals_the_eager_step(packed):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_full_fine_tuning_graph_replay_equals_the_eager_step():
+    """Every weight trains (the conv's weight-gradient sum then runs, launched with PDL inside the graph): replays
+    give the eager loss and gradients."""
+    config = FalconH1Config.from_preset("tiny", num_hidden_layers=2)
+    model = FalconH1ForCausalLM.from_config(config, dtype=torch.float32, device="cuda", seed=0)
+    model.enable_gradient_checkpointing()
+    model.train()
+    assert unsupported_reason(model) is None
+    first, second = batch(config, 2, 96, "cuda", 1, True), batch(config, 2, 96, "cuda", 2, True)
+    loss1, grads1 = eager_grads(model, *first)
+    loss2, grads2 = eager_grads(model, *second)
+    step = GraphedTrainStep(model, batch_size=2, seq_len=96)
+    for (ids, labels, seq_idx), loss, grads in ((first, loss1, grads1), (second, loss2, grads2)):
+        step.zero_grad()
+        got = step(ids, labels, seq_idx)
+        assert step.graphed, step.disabled
+        torch.testing.assert_close(got, loss.float(), rtol=1e-5, atol=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_dropout_runs_eagerly():
     model = lora_model("cuda", dropout=0.1)
     step = GraphedTrainStep(model, batch_size=1, seq_len=32)
