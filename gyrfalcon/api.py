@@ -31,7 +31,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, default_device, default_dtype, load_model, resolve_checkpoint, save_model
 from .config import FalconH1Config
-from .data import DataError, Fields, PreparedData, prepare_data
+from .data import DataError, Fields, PreparedData, check_source, prepare_data
 from .lora import (ALL_TARGETS, apply_lora, base_state_dict, has_lora, lora_layers, lora_targets, merge_and_unload,
                    merged_state_dict)
 from .model import FalconH1ForCausalLM
@@ -346,6 +346,7 @@ def run_training(model: FalconH1ForCausalLM, tokenizer, data: PreparedData, cfg:
         base_dir = Path(cfg.output) / "base"
         if not base_dir.exists():
             _save_unmerged_base(model, base_dir)
+            tokenizer.save_pretrained(str(base_dir))  # a complete checkpoint: generate/chat --model base work
         loop.base_model_name = str(base_dir.resolve())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = (f"LoRA on {', '.join(lora_targets(model))}" if lora else "full fine-tuning")
@@ -397,6 +398,9 @@ def finetune(config: FinetuneConfig | str | dict | None = None, *, callbacks=(),
     builtin = cfg.uses_builtin_model
     if not builtin and cfg.data is None:
         raise RecipeError("no training data: pass --data FILE_OR_NAME (or set data: in the recipe)")
+    for source in (cfg.data, cfg.eval_data):
+        if isinstance(source, (str, Path)):
+            check_source(source)  # a missing file is named before minutes of loading, not after
     checkpoint = check_output(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.method == "qlora":
         bitsandbytes_module(resolve_device(cfg.device))  # before minutes of loading, not after
@@ -416,7 +420,7 @@ def finetune(config: FinetuneConfig | str | dict | None = None, *, callbacks=(),
     _attach_trainable(model, cfg, console)
     result = run_training(model, tokenizer, data, cfg, checkpoint=checkpoint, base_name=model.name_or_path,
                           callbacks=callbacks, console=console)
-    if builtin:
+    if builtin and cfg.data is None:  # the bundled data's questions: meaningless after training on other data
         show_tiny_answers(model, tokenizer, console)
     return result
 

@@ -60,19 +60,33 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.batch < 1 or args.seq_len < 2:
+        print(f"gyrfalcon demo: error: --batch must be >= 1 and --seq-len >= 2, got {args.batch} and "
+              f"{args.seq_len}", file=sys.stderr)
+        return 2
+    if (args.overwrite or args.resume) and (not args.finetune or args.output is None):
+        print("gyrfalcon demo: error: --overwrite and --resume apply to the fine-tune's --output DIR: pass it "
+              "(and leave out --no-finetune)", file=sys.stderr)
+        return 2
     run_demo(seed=args.seed, batch=args.batch, seq_len=args.seq_len)
     if not args.finetune:
         return 0
     from .finetune_cli import tiny_finetune
 
-    return tiny_finetune(seed=args.seed, output=args.output)
+    return tiny_finetune(seed=args.seed, output=args.output, overwrite=args.overwrite, resume=args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gyrfalcon",
         description="Fine-tune and run TII's Falcon-H1 hybrid (Mamba-2 + attention) models on one GPU.",
-        epilog="Run `gyrfalcon COMMAND --help` for a command's options.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gyrfalcon demo                                   the tiny model end to end on this machine\n"
+               "  gyrfalcon info tiiuae/Falcon-H1-7B-Instruct      shape, parameters, memory\n"
+               "  gyrfalcon finetune -m tiiuae/Falcon-H1-0.5B-Instruct -d chat.jsonl -c falcon-h1-0.5b-lora\n"
+               "  gyrfalcon generate --model runs/x/adapter --prompt \"Hello\"\n\n"
+               "Run `gyrfalcon COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"gyrfalcon {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -97,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     demo.add_argument("--no-finetune", dest="finetune", action="store_false",
                       help="skip the tiny fine-tune that follows the checks")
-    demo.add_argument("--output", default=None,
+    demo.add_argument("--output", "-o", default=None,
                       help="run folder of the tiny fine-tune (default: runs/tiny-full-<date-time>)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace --output if it holds an earlier run (default: refuse)")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue the interrupted fine-tune in --output from its last checkpoint")
     demo.set_defaults(run=_demo)
 
     add_finetune_parsers(commands)

@@ -94,17 +94,24 @@ class DataStats:
     packed_rows: int = 0
 
     def summary(self) -> str:
-        parts = [f"{self.source}: {self.rows:,} rows read as {self.format}, {self.examples:,} examples, "
-                 f"{self.tokens:,} tokens ({self.trained_tokens:,} trained)"]
+        parts = [f"{self.source}: {_count(self.rows, 'row')} read as {self.format}, "
+                 f"{_count(self.examples, 'example')}, {_count(self.tokens, 'token')} "
+                 f"({self.trained_tokens:,} trained)"]
         if self.truncated:
             parts.append(f"{self.truncated:,} truncated to max_seq_length (longest was {self.longest:,} tokens)")
         if self.no_target:
             parts.append(f"{self.no_target:,} dropped: no trained token left within max_seq_length")
         if self.skipped:
-            parts.append(f"{self.skipped:,} malformed rows skipped (first: {'; '.join(self.skip_reasons[:2])})")
+            parts.append(f"{_count(self.skipped, 'malformed row')} skipped (first: "
+                         f"{'; '.join(self.skip_reasons[:2])})")
         if self.packed_rows:
-            parts.append(f"packed into {self.packed_rows:,} rows")
+            parts.append(f"packed into {_count(self.packed_rows, 'row')}")
         return "; ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 row', '2,048 rows'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------------------------------------- reading rows
@@ -112,13 +119,9 @@ def read_rows(source, *, split: str = "train", token: str | None = None) -> tupl
     """(a name for messages, an iterator of (row number, row)). A row that cannot even be parsed comes as a
     _RowError instance in place of the row."""
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if path.is_file():
+        path = check_source(source)
+        if path is not None:
             return str(path), _read_file(path)
-        if path.is_dir():
-            raise DataError(f"{path} is a folder; pass a .jsonl, .json, .csv, .tsv or .parquet file")
-        if path.suffix.lower() in FILE_SUFFIXES or str(source).startswith((".", "/", "~")):
-            raise DataError(f"{source}: no such file")
         return str(source), _read_hub(str(source), split, token)
     if isinstance(source, Mapping):
         raise DataError("pass the rows as a list of dicts (or a datasets.Dataset), not a single dict")
@@ -126,6 +129,19 @@ def read_rows(source, *, split: str = "train", token: str | None = None) -> tupl
         return "data", enumerate(source, start=1)
     raise DataError(f"cannot read training data from a {type(source).__name__}; pass a file path, a dataset "
                     "name, or a list of dicts")
+
+
+def check_source(source: str | Path) -> Path | None:
+    """The local file a data source names (None: a `datasets` hub name), checked before anything is read or loaded:
+    a folder, or a missing file (a name with a data file's suffix or a path-like start), is an error."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass a .jsonl, .json, .csv, .tsv or .parquet file")
+    if path.suffix.lower() in FILE_SUFFIXES or str(source).startswith((".", "/", "~")):
+        raise DataError(f"{source}: no such file")
+    return None
 
 
 def _read_file(path: Path) -> Iterator[tuple[int, Any]]:
@@ -413,7 +429,8 @@ def tokenize_source(source, tokenizer, *, data_format: str = "auto", fields: Fie
     def bad(number: int, err: _RowError):
         message = f"{name}: row {number}: {err}"
         if bad_rows == "error":
-            raise DataError(message + " (set bad_rows: skip to skip such rows and count them)")
+            raise DataError(message + " (--bad-rows skip, or bad_rows: skip in a recipe, skips such rows and "
+                            "counts them)")
         stats.skipped += 1
         if len(stats.skip_reasons) < _SHOWN_REASONS:
             stats.skip_reasons.append(f"row {number}: {err}")

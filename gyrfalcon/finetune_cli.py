@@ -114,13 +114,13 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def tiny_finetune(seed: int = 0, output: str | None = None) -> int:
+def tiny_finetune(seed: int = 0, output: str | None = None, overwrite: bool = False, resume: bool = False) -> int:
     """The fine-tuning part of `gyrfalcon demo`: the built-in tiny model learns its bundled chat data on this
     machine (about a minute on 2 CPU cores). Returns an exit status (2 with a message on bad input)."""
     from .api import finetune
 
     try:
-        finetune(None, seed=seed, output=output)
+        finetune(None, seed=seed, output=output, overwrite=overwrite, resume=resume)
     except _errors() as err:
         print(f"gyrfalcon demo: error: {err}", file=sys.stderr)
         return 2

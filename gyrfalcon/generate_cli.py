@@ -29,7 +29,14 @@ def add_generate_parsers(subparsers) -> None:
     gen = subparsers.add_parser(
         "generate", help="generate text from a prompt or a JSON-lines file of prompts",
         description="Generate text with a Falcon-H1 model: one prompt streamed to stdout, or a batch of prompts "
-                    "from a JSON-lines file written as JSON lines. Without --model, the built-in tiny model.")
+                    "from a JSON-lines file written as JSON lines. Without --model, the built-in tiny model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gyrfalcon generate --prompt \"Once upon a time\" --max-new-tokens 64   # the tiny model\n"
+               "  gyrfalcon generate -m tiiuae/Falcon-H1-0.5B-Instruct --prompt \"Hi\" --chat-template\n"
+               "  gyrfalcon generate -m runs/x/adapter --prompts in.jsonl -o out.jsonl   # a trained adapter\n"
+               "output lines: {\"index\", \"completion\", \"finish_reason\", \"prompt_tokens\", "
+               "\"completion_tokens\"} plus the input's own keys")
     _model_arguments(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
@@ -37,8 +44,10 @@ def add_generate_parsers(subparsers) -> None:
                         help='one prompt per line: a JSON string, {"prompt": ...} or {"messages": [...]}')
     gen.add_argument("--chat-template", action="store_true",
                      help="wrap --prompt as a user message in the tokenizer's chat template")
-    gen.add_argument("--output", type=Path, default=None, metavar="FILE.jsonl",
-                     help="write the JSON lines here instead of stdout (with --prompts)")
+    gen.add_argument("--output", "-o", type=Path, default=None, metavar="FILE.jsonl",
+                     help="with --prompts: write the JSON lines here instead of stdout (an existing file is "
+                          "refused unless --overwrite)")
+    gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     gen.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
     _sampling_arguments(gen, temperature=0.0)
     gen.set_defaults(run=run_generate)
@@ -46,7 +55,11 @@ def add_generate_parsers(subparsers) -> None:
     chat = subparsers.add_parser(
         "chat", help="chat with a model in the terminal",
         description="Interactive chat through the tokenizer's chat template, replies streamed. Commands: /reset "
-                    "(forget the conversation), /exit. Without --model, the built-in tiny model.")
+                    "(forget the conversation), /exit. Without --model, the built-in tiny model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gyrfalcon chat -m tiiuae/Falcon-H1-0.5B-Instruct --system \"Answer briefly.\"\n"
+               "  gyrfalcon chat -m runs/x/adapter                  # a trained adapter on the base it names")
     _model_arguments(chat)
     chat.add_argument("--system", default=None, help="a system message opening the conversation")
     _sampling_arguments(chat, temperature=0.7)
@@ -54,9 +67,12 @@ def add_generate_parsers(subparsers) -> None:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="a checkpoint folder or hub id with its tokenizer (default: the built-in tiny model)")
-    parser.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
+    parser.add_argument("--model", "-m", default=None,
+                        help="a checkpoint folder or hub id with its tokenizer, tiny (the built-in tiny model, the "
+                             "default), or a LoRA adapter folder (its base model is the one it names)")
+    parser.add_argument("--adapter", "-a", default=None, metavar="DIR",
+                        help="a LoRA adapter folder (PEFT format) to merge into --model (default: --model's base "
+                             "from the adapter's adapter_config.json when --model is left out)")
     parser.add_argument("--dtype", choices=_DTYPES, default="auto",
                         help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: CUDA when available)")
@@ -98,12 +114,17 @@ def _options(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------- model loading
 def load_for_generation(model: str | None, *, adapter: str | None = None, dtype: str = "auto", device=None,
                         token: str | None = None, revision: str | None = None):
-    """(model, tokenizer): a checkpoint and its tokenizer, or the built-in tiny model; an adapter merged in."""
+    """(model, tokenizer): a checkpoint and its tokenizer, or the built-in tiny model (None or "tiny"); an adapter
+    merged in. A LoRA adapter folder given as `model` is taken as `adapter`; with an adapter and no model, the base
+    is the one its adapter_config.json names. The tokenizer is the adapter folder's where it holds one (training
+    saves it there), else the model's."""
     import torch
 
     from .model import FalconH1ForCausalLM
 
+    model, adapter = _model_and_adapter(model, adapter)
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    device = _device(device)
     if model is None:
         from .assets import load_tiny_tokenizer
         from .config import FalconH1Config
@@ -114,10 +135,49 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
     else:
         net = FalconH1ForCausalLM.from_pretrained(model, dtype=torch_dtype, device=device, token=token,
                                                   revision=revision)
+    if adapter is not None and model is not None and (Path(adapter).expanduser() / "tokenizer_config.json").exists():
+        tokenizer = _load_tokenizer(str(Path(adapter).expanduser()), token, None)
+    elif model is not None:
         tokenizer = _load_tokenizer(model, token, revision)
     if adapter is not None:
         _apply_adapter(net, adapter, token, revision)
     return net.eval(), tokenizer
+
+
+def _model_and_adapter(model: str | None, adapter: str | None) -> tuple[str | None, str | None]:
+    """(base model or None for the tiny one, adapter or None) from what the user passed."""
+    from .peft_io import ADAPTER_CONFIG, read_adapter_config
+
+    if model == "tiny":
+        model = None
+    if model is not None and (Path(model).expanduser() / ADAPTER_CONFIG).exists():
+        if adapter is not None:
+            raise GenerationError(f"--model {model} is a LoRA adapter folder and --adapter {adapter} is another: "
+                                  "pass the base model as --model, or only the adapter")
+        base = read_adapter_config(Path(model).expanduser()).get("base_model_name_or_path")
+        if not base:
+            raise GenerationError(f"{model}: a LoRA adapter whose adapter_config.json names no base model; pass the "
+                                  "base as --model and this folder as --adapter")
+        return base, model
+    if adapter is not None and model is None and (Path(adapter).expanduser() / ADAPTER_CONFIG).exists():
+        # its base when it names one; else (an adapter saved without one) the built-in tiny model, as before
+        model = read_adapter_config(Path(adapter).expanduser()).get("base_model_name_or_path") or None
+    return model, adapter
+
+
+def _device(device):
+    """The --device value checked (a clear error, not a traceback, for cuda without a GPU or a misspelling)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise GenerationError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or leave it out)")
+    return parsed
 
 
 def _load_tokenizer(model: str, token, revision):
@@ -127,7 +187,8 @@ def _load_tokenizer(model: str, token, revision):
         return AutoTokenizer.from_pretrained(model, token=token, revision=revision)
     except (OSError, ValueError) as err:
         raise GenerationError(f"{model}: no usable tokenizer found next to the weights ({err}); a checkpoint for "
-                              "generation needs its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+                              "generation needs its tokenizer files (tokenizer.json, tokenizer_config.json), or pass "
+                              "an adapter folder that holds them") from None
 
 
 def _apply_adapter(model, adapter: str, token, revision) -> None:
@@ -186,6 +247,11 @@ def run_generate(args: argparse.Namespace) -> int:
         records = read_prompt_file(args.prompts) if args.prompts is not None else None
         if args.prompt is not None and not args.prompt:
             raise GenerationError("--prompt is empty: give some text")
+        if args.output is not None and args.prompts is None:
+            raise GenerationError("--output is for --prompts FILE (a batch written as JSON lines); a single --prompt "
+                                  "streams to stdout: redirect it (> file) to keep it")
+        if args.output is not None and args.output.exists() and not args.overwrite:
+            raise GenerationError(f"--output {args.output} already exists; choose another file, or pass --overwrite")
         model, tokenizer = load_for_generation(args.model, adapter=args.adapter, dtype=args.dtype,
                                                device=args.device, token=args.token, revision=args.revision)
         if records is None:

@@ -170,8 +170,13 @@ class FinetuneConfig:
             (not (self.resume and self.overwrite), "resume continues the run in `output` and overwrite replaces "
                                                    "it: choose one"),
         ]
+        names = {f.name for f in dataclasses.fields(self)}
         for ok, message in checks:
             if not ok:
+                name = message.split()[0]
+                if name in names and "got" not in message:  # say what was given and where it is set
+                    message += (f" (got {getattr(self, name)!r}; recipe key {name}, flag "
+                                f"--{name.replace('_', '-')})")
                 raise RecipeError(message)
         unknown = [t for t in self.lora_targets if t not in ALL_TARGETS]
         if unknown or not self.lora_targets:
@@ -284,13 +289,17 @@ def read_recipe(path) -> dict:
 
 def load_recipe(path=None, overrides: dict | None = None) -> FinetuneConfig:
     """Defaults < the recipe file (if any) < overrides (None values in overrides are ignored). With no model, the
-    built-in tiny run's defaults (TINY_RUN) replace the general ones."""
+    built-in tiny run's defaults (TINY_RUN) replace the general ones (its evaluation split only on its own data)."""
     values = read_recipe(path) if path else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     check_keys(overrides, "override")
     values.update(overrides)
     if values.get("model") in (None, "", "tiny"):
-        values = {**TINY_RUN, **values}  # the built-in tiny run's own defaults, under anything given
+        tiny = dict(TINY_RUN)
+        if values.get("data"):  # the evaluation split counts examples of the bundled data: not for the user's own
+            tiny.pop("eval_split")
+            tiny.pop("eval_every")
+        values = {**tiny, **values}  # the built-in tiny run's own defaults, under anything given
     source = str(path) if path else "settings"
     try:
         return FinetuneConfig(**values)

@@ -398,7 +398,8 @@ class TrainingLoop:
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm} (loss {loss:.4f})"
         last = latest_checkpoint(self.output_dir)
         kept = (f"The last good checkpoint, {last}, is intact: resume from it with --resume, perhaps with a lower "
-                "learning_rate or max_grad_norm" if last else "No checkpoint was written yet (save_every)")
+                "learning_rate or max_grad_norm" if last else "No checkpoint was written yet (save_every); to start "
+                f"again in {self.output_dir}, add --overwrite to the command")
         raise TrainingError(f"non-finite {what} at step {self.state.step + 1}: stopped before updating the weights. "
                             f"{kept}. Common causes: a learning rate too high, float16 overflow, or bad data.")
 

@@ -144,6 +144,34 @@ def test_generate_command_bad_flags(capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--output", "out.jsonl"], "--output is for --prompts"),
+])
+def test_generate_command_bad_options_before_loading(capsys, flags, message):
+    args = parse(["generate", "--prompt", "hi", *flags])
+    assert args.run(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is visible")
+def test_generate_command_cuda_without_a_gpu(capsys):
+    args = parse(["generate", "--prompt", "hi", "--device", "cuda"])
+    assert args.run(args) == 2 and "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_generate_command_keeps_an_existing_output(tmp_path, capsys):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('"hi"\n')
+    target.write_text("mine\n")
+    args = parse(["generate", "--prompts", str(source), "--output", str(target), "--max-new-tokens", "2"])
+    assert args.run(args) == 2 and "already exists" in capsys.readouterr().err
+    assert target.read_text() == "mine\n"
+    args = parse(["generate", "--prompts", str(source), "--output", str(target), "--max-new-tokens", "2",
+                  "--overwrite"])
+    assert args.run(args) == 0 and json.loads(target.read_text())["index"] == 0
+
+
 def test_generate_command_missing_file(tmp_path, capsys):
     args = parse(["generate", "--prompts", str(tmp_path / "nope.jsonl")])
     assert args.run(args) == 2 and "cannot read it" in capsys.readouterr().err
@@ -174,3 +202,28 @@ def test_adapter_is_applied(tmp_path, capsys):
     args = parse(["generate", "--prompt", "hello", "--max-new-tokens", "10", "--adapter", str(tmp_path / "adapter")])
     assert args.run(args) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_adapter_folder_finds_its_base_and_tokenizer(tmp_path, capsys):
+    """A run's adapter (its base a folder of weights without tokenizer files, the tokenizer in the adapter folder)
+    works as --adapter alone, as --model alone, and with --model BASE."""
+    from gyrfalcon.lora import apply_lora, lora_layers
+    from gyrfalcon.peft_io import save_adapter
+
+    model, tokenizer = load_for_generation(None)
+    model.save_pretrained(tmp_path / "base")                    # weights only, as a run's base/ once was
+    apply_lora(model, r=4, alpha=8.0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, base_model_name_or_path=str(tmp_path / "base"), tokenizer=tokenizer)
+    expected = generate(model, tokenizer, "hello", max_new_tokens=8).text
+    for flags in (["--adapter", str(adapter)], ["--model", str(adapter)],
+                  ["--model", str(tmp_path / "base"), "--adapter", str(adapter)]):
+        args = parse(["generate", "--prompt", "hello", "--max-new-tokens", "8", "--device", "cpu",
+                      "--dtype", "float32", *flags])
+        assert args.run(args) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == expected + "\n"
+    args = parse(["generate", "--prompt", "hello", "--model", str(adapter), "--adapter", str(adapter)])
+    assert args.run(args) == 2 and "is a LoRA adapter folder" in capsys.readouterr().err

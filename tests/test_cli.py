@@ -50,6 +50,18 @@ def test_info_errors_exit_2(capsys):
     assert "not a preset" in capsys.readouterr().err
 
 
+def test_python_dash_m_runs_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "gyrfalcon", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("gyrfalcon ")
+
+
+def test_demo_bad_flags_exit_2(capsys):
+    assert main(["demo", "--batch", "0", "--no-finetune"]) == 2
+    assert "--batch must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--overwrite", "--no-finetune"]) == 2
+    assert "--overwrite and --resume apply to the fine-tune's --output" in capsys.readouterr().err
+
+
 def test_demo_runs(capsys):
     assert main(["demo", "--batch", "2", "--seq-len", "24", "--no-finetune"]) == 0
     out = capsys.readouterr().out

@@ -82,9 +82,13 @@ def test_layers_of_settings_and_errors(tmp_path):
     for bad, message in ((dict(lora_r=0), "lora_r must be at least 1"), (dict(method="dpo"), "method must be one"),
                          (dict(batch_size="four"), "batch_size must be a whole number"),
                          (dict(lora_targets=["qkv"]), r"unknown layer\(s\) \['qkv'\]"),
-                         (dict(resume=True, overwrite=True), "choose one")):
+                         (dict(resume=True, overwrite=True), "choose one"),
+                         (dict(learning_rate=-1.0), r"learning_rate must be positive \(got -1.0; recipe key "
+                                                    r"learning_rate, flag --learning-rate\)")):
         with pytest.raises(RecipeError, match=message):
             FinetuneConfig(**bad)
+    # the tiny run's evaluation split counts examples of its bundled data: the user's own data gets the default
+    assert load_recipe(None, {"data": "mine.jsonl"}).eval_split == FinetuneConfig().eval_split != TINY_RUN["eval_split"]
     with pytest.raises(RecipeError, match="no such recipe file; recipes in .*falcon-h1-0.5b-lora"):
         load_recipe("no-such-recipe")
 
@@ -157,6 +161,10 @@ def test_bad_input_exits_2_with_a_named_problem(capsys, tmp_path, monkeypatch):
     assert "QLoRA (load_in_4bit / method: qlora) needs bitsandbytes" in err
     assert run_cli(["finetune", "--output", str(tmp_path / "o4"), "--resume", *FAST]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    # a missing data file is named before any model is loaded
+    assert run_cli(["finetune", "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o5"), *FAST]) == 2
+    out, err = capsys.readouterr()
+    assert "nope.jsonl: no such file" in err and "model:" not in out and not (tmp_path / "o5").exists()
 
 
 @pytest.mark.slow
