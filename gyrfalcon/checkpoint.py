@@ -71,7 +71,8 @@ def hub_snapshot(name: str, *, patterns: list[str], token: str | None = None, re
         return Path(snapshot_download(name, revision=revision, token=token, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
         raise error(f"could not fetch {what}{name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-                    "Check the name and your network; gated models need token= (or `hf auth login`); "
+                    "Check the name and your network; gated models need a token: --token / token=, the HF_TOKEN "
+                    "environment variable, or `hf auth login` once; "
                     "a local folder path works too") from None
 
 

@@ -34,7 +34,8 @@ def _add_finetune(subparsers) -> None:
                     "data on this machine (CPU is fine, a minute or two) and the loss falls; that run has defaults of "
                     "its own (see --print-config). Settings: defaults < --config recipe < flags; every recipe key "
                     "is a flag.",
-        epilog="Recipes: configs/*.yaml (0.5B, 1.5B-Deep, 7B, 34B; LoRA and QLoRA). Outputs in --output: adapter/ "
+        epilog="Gated hub models: set HF_TOKEN or run `hf auth login` once. Recipes: configs/*.yaml (0.5B, "
+               "1.5B-Deep, 7B, 34B; LoRA and QLoRA). Outputs in --output: adapter/ "
                "or model/, checkpoints/, metrics.jsonl, loss.png, run.json. Ctrl-C writes a checkpoint; the same "
                "command plus --output DIR --resume continues the run.")
     parser.add_argument("--config", "-c", metavar="RECIPE", default=None,
@@ -50,7 +51,8 @@ def _add_finetune(subparsers) -> None:
         flags = _ALIASES.get(f.name, [f"--{f.name.replace('_', '-')}"])
         kind, _ = base_type(f)
         default_text = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (recipe key {f.name}; default: {_show(default_text)})"
+        default_part = "" if "default" in f.metadata["help"] else f"; default: {_show(default_text)}"
+        help_text = f"{f.metadata['help']} (recipe key {f.name}{default_part})"
         common = dict(dest=f.name, default=None, help=help_text.replace("%", "%%"))
         if kind is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
@@ -64,6 +66,9 @@ def _add_finetune(subparsers) -> None:
 
 
 def _show(value) -> str:
+    """A default as a recipe writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, list):
         return " ".join(map(str, value)) or "[]"
     return "empty" if value is None else str(value)

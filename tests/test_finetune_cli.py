@@ -42,7 +42,10 @@ def test_help_lists_every_setting(capsys):
     text = help_text("finetune", capsys)
     for f in config_fields():
         assert f"--{f.name.replace('_', '-')}" in text, f.name
-        assert f"recipe key {f.name};" in " ".join(text.split()), f.name
+        flat = " ".join(text.split())
+        assert f"recipe key {f.name};" in flat or f"recipe key {f.name})" in flat, f.name
+    assert "(default: the model's) (recipe key tokenizer)" in flat  # one default per setting, not two
+    assert "(recipe key gradient_checkpointing; default: false)" in flat  # as a recipe writes it
     for flag in ("--config", "--print-config", "--resume", "--overwrite", "--no-packing"):
         assert flag in text
     merge = help_text("merge", capsys)
