@@ -629,8 +629,8 @@ def _backward(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu, want_dw
     dw_part = torch.empty((b * n_l, WINDOW, d), dtype=torch.float32, device=x.device) if want_dw else None
     db_part = torch.empty((b * n_l, d), dtype=torch.float32, device=x.device) if want_db else None
     grid = (triton.cdiv(d, launch.block_d), n_l, b)
-    # the sum kernel's launch and ramp-up overlap the backward's last programs (at 1 x 2K tokens the backward runs
-    # for ~9 us, the sum's own work ~1 us)
+    # the sum kernel's launch and ramp-up overlap the backward's last programs: 0.5 us off the backward's ~12 us
+    # at 0.5B 1 x 2K tokens, neutral at larger sizes (docs/benchmarks.md, eleventh session)
     pdl = launch.pdl and (want_dw or want_db) and pdl_supported(x.device)
     _conv_bwd_kernel[grid](
         x, weight, bias if bias is not None else weight, initial_state if initial_state is not None else x,
