@@ -269,7 +269,9 @@ def find_recipe(name_or_path) -> Path:
         if candidate.is_file():
             return candidate
     available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    listing = f"; recipes in {CONFIG_DIR}: {', '.join(available)}" if available else ""
+    listing = (f"; recipes in {CONFIG_DIR}: {', '.join(available)}" if available else
+               "; the named recipes live in the repository's configs/ folder, which this installation does not "
+               "have: pass the path of a recipe file (e.g. a copy of configs/falcon-h1-0.5b-lora.yaml)")
     raise RecipeError(f"{name_or_path}: no such recipe file{listing}")
 
 

@@ -182,3 +182,12 @@ def test_the_default_tiny_run_learns(tmp_path, capsys):
     assert losses[0] > 6.0 and losses[-1] < 0.6 and evals[0] > 6.0 and evals[-1] < 0.6, (losses[-1], evals)
     assert (tmp_path / "tiny" / "loss.png").exists()
     assert "the fine-tuned tiny model answers" in capsys.readouterr().out
+
+
+def test_recipe_names_without_the_configs_folder_say_what_to_do(monkeypatch):
+    """An installation without the repository's configs/ (a wheel): a recipe name explains itself."""
+    import gyrfalcon.recipes as recipes
+
+    monkeypatch.setattr(recipes, "CONFIG_DIR", CONFIG_DIR / "no-such-folder")
+    with pytest.raises(RecipeError, match="this installation does not have: pass the path of a recipe file"):
+        recipes.find_recipe("falcon-h1-0.5b-lora")
