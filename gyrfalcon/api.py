@@ -35,8 +35,8 @@ from .data import DataError, Fields, PreparedData, check_source, prepare_data
 from .lora import (ALL_TARGETS, apply_lora, base_state_dict, has_lora, lora_layers, lora_targets, merge_and_unload,
                    merged_state_dict)
 from .model import FalconH1ForCausalLM
-from .peft_io import (ADAPTER_CONFIG, atomic_folder, load_adapter, read_adapter_config, resolve_adapter, save_adapter,
-                      targets_out_proj)
+from .peft_io import (adapter_base, atomic_folder, load_adapter, local_adapter, read_adapter_config,
+                      resolve_adapter, save_adapter, targets_out_proj, tokenizer_source)
 from .quant import QLoRAUnavailable, bitsandbytes_module, count_parameters, dequantize, is_quantized, load_4bit
 from .recipes import FinetuneConfig, RecipeError, load_recipe
 from .train import TRAINING_INFO, TrainingLoop, TrainResult, check_output, require_8bit_optimizer
@@ -119,18 +119,15 @@ def from_pretrained(model_name: str | None = None, *, max_seq_length: int = 2048
     max_seq_length becomes the tokenizer's model_max_length, which Trainer uses as its default.
     load_in_4bit: QLoRA's base, the decoder layers' linears in 4-bit NF4 (needs bitsandbytes; a CUDA GPU for real
     models, the CPU works for the tiny one); dtype is then the compute dtype of everything else."""
-    adapter = None
-    if model_name is not None and (Path(model_name).expanduser() / ADAPTER_CONFIG).exists():
-        adapter = Path(model_name).expanduser()
-        base = read_adapter_config(adapter).get("base_model_name_or_path")
-        if not base:
+    adapter = local_adapter(model_name)
+    if adapter is not None:
+        model_name = adapter_base(adapter)
+        if not model_name:
             raise CheckpointError(f"{adapter}: adapter_config.json names no base model; load the base with "
                                   "from_pretrained(base) and then load_adapter(model, folder)")
-        model_name = base
     model = load_base_model(model_name, dtype=dtype, device=device, load_in_4bit=load_in_4bit, seed=seed,
                             revision=revision, token=token)
-    tokenizer = load_tokenizer(adapter if adapter and (adapter / "tokenizer_config.json").exists() else model_name,
-                               revision=revision, token=token)
+    tokenizer = load_tokenizer(tokenizer_source(adapter, model_name), revision=revision, token=token)
     tokenizer.model_max_length = max_seq_length
     if adapter is not None:
         load_adapter(model, adapter, trainable=True, adapter_dtype=_adapter_dtype(model))
@@ -473,10 +470,9 @@ def merge(adapter, output, *, model: str | None = None, dtype=None, device="cpu"
     load_adapter(base_model, folder)
     n_layers = len(lora_layers(base_model))
     merge_and_unload(base_model)
-    tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else base
     tokenizer = None
     try:
-        tokenizer = load_tokenizer(tokenizer_source, token=token)
+        tokenizer = load_tokenizer(tokenizer_source(folder, base), token=token)
     except CheckpointError as err:
         console.print(f"note: no tokenizer copied ({err})", markup=False)
     with atomic_folder(output, overwrite=overwrite) as tmp:

@@ -121,6 +121,7 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
     import torch
 
     from .model import FalconH1ForCausalLM
+    from .peft_io import local_adapter, tokenizer_source
 
     model, adapter = _model_and_adapter(model, adapter)
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
@@ -135,10 +136,9 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
     else:
         net = FalconH1ForCausalLM.from_pretrained(model, dtype=torch_dtype, device=device, token=token,
                                                   revision=revision)
-    if adapter is not None and model is not None and (Path(adapter).expanduser() / "tokenizer_config.json").exists():
-        tokenizer = _load_tokenizer(str(Path(adapter).expanduser()), token, None)
-    elif model is not None:
-        tokenizer = _load_tokenizer(model, token, revision)
+    if model is not None:
+        source = tokenizer_source(local_adapter(adapter), model)
+        tokenizer = _load_tokenizer(str(source), token, revision if source == model else None)
     if adapter is not None:
         _apply_adapter(net, adapter, token, revision)
     return net.eval(), tokenizer
@@ -146,22 +146,22 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
 
 def _model_and_adapter(model: str | None, adapter: str | None) -> tuple[str | None, str | None]:
     """(base model or None for the tiny one, adapter or None) from what the user passed."""
-    from .peft_io import ADAPTER_CONFIG, read_adapter_config
+    from .peft_io import adapter_base, local_adapter
 
     if model == "tiny":
         model = None
-    if model is not None and (Path(model).expanduser() / ADAPTER_CONFIG).exists():
+    if (folder := local_adapter(model)) is not None:
         if adapter is not None:
             raise GenerationError(f"--model {model} is a LoRA adapter folder and --adapter {adapter} is another: "
                                   "pass the base model as --model, or only the adapter")
-        base = read_adapter_config(Path(model).expanduser()).get("base_model_name_or_path")
-        if not base:
+        base = adapter_base(folder)
+        if base is None:
             raise GenerationError(f"{model}: a LoRA adapter whose adapter_config.json names no base model; pass the "
                                   "base as --model and this folder as --adapter")
         return base, model
-    if adapter is not None and model is None and (Path(adapter).expanduser() / ADAPTER_CONFIG).exists():
+    if model is None and (folder := local_adapter(adapter)) is not None:
         # its base when it names one; else (an adapter saved without one) the built-in tiny model, as before
-        model = read_adapter_config(Path(adapter).expanduser()).get("base_model_name_or_path") or None
+        model = adapter_base(folder)
     return model, adapter
 
 

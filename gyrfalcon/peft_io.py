@@ -145,6 +145,25 @@ def resolve_adapter(path_or_id, *, token: str | None = None, revision: str | Non
                         error=AdapterError, what="adapter ")
 
 
+def local_adapter(name) -> Path | None:
+    """The folder, where `name` is a local LoRA adapter folder (it holds adapter_config.json); else None."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return path if (path / ADAPTER_CONFIG).is_file() else None
+
+
+def adapter_base(folder) -> str | None:
+    """The base model an adapter folder's config names (None where it names none)."""
+    return read_adapter_config(folder).get("base_model_name_or_path") or None
+
+
+def tokenizer_source(folder, base):
+    """Where the tokenizer for an adapter on `base` is: the adapter folder where it holds one (training saves it
+    there), else the base."""
+    return folder if folder is not None and (Path(folder) / "tokenizer_config.json").exists() else base
+
+
 def read_adapter_config(folder) -> dict:
     """The adapter's config, checked: a LoRA adapter whose features gyrfalcon computes."""
     path = Path(folder) / ADAPTER_CONFIG
