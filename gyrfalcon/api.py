@@ -54,7 +54,10 @@ _HF_NAMES = {"per_device_train_batch_size": "batch_size", "gradient_accumulation
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return default_device()
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise RecipeError(f"device {device!r} is not a device: use cpu, cuda or cuda:N (or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"device {device} asked for, but no CUDA GPU is visible; use device cpu or auto")
     if device.type == "cuda" and device.index is None:

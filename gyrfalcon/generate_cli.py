@@ -166,18 +166,17 @@ def _model_and_adapter(model: str | None, adapter: str | None) -> tuple[str | No
 
 
 def _device(device):
-    """The --device value checked (a clear error, not a traceback, for cuda without a GPU or a misspelling)."""
+    """The --device value checked by `api.resolve_device` (a clear error, not a traceback, for cuda without a GPU
+    or a misspelling); None stays None (the loaders' own default)."""
     if device is None:
         return None
-    import torch
+    from .api import resolve_device
+    from .recipes import RecipeError
 
     try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise GenerationError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or leave it out)")
-    return parsed
+        return resolve_device(device)
+    except RecipeError as err:
+        raise GenerationError(f"--{err}") from None  # its message starts "device ...": the flag's name
 
 
 def _load_tokenizer(model: str, token, revision):
