@@ -60,10 +60,6 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    if args.batch < 1 or args.seq_len < 2:
-        print(f"gyrfalcon demo: error: --batch must be >= 1 and --seq-len >= 2, got {args.batch} and "
-              f"{args.seq_len}", file=sys.stderr)
-        return 2
     if (args.overwrite or args.resume) and (not args.finetune or args.output is None):
         print("gyrfalcon demo: error: --overwrite and --resume apply to the fine-tune's --output DIR: pass it "
               "(and leave out --no-finetune)", file=sys.stderr)

@@ -14,14 +14,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .config import FalconH1Config
+from .config import ConfigError, FalconH1Config
 from .model import FalconH1ForCausalLM
 
 
 def run_demo(seed: int = 0, batch: int = 4, seq_len: int = 128, console: Console | None = None) -> dict:
     """Run the demo; returns the figures it printed."""
     if batch < 1 or seq_len < 2:
-        raise ValueError("demo needs --batch >= 1 and --seq-len >= 2")
+        raise ConfigError(f"--batch must be >= 1 and --seq-len >= 2, got {batch} and {seq_len}")
     console = console or Console()
     torch.manual_seed(seed)
     config = FalconH1Config.from_preset("tiny")
