@@ -99,17 +99,15 @@ def graph_span_ms(fn, first_pass_kernels: int | None = None, replays: int = 20) 
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                     if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    kernels = sorted(_gpu_intervals(prof))
     per_call = len(kernels) // replays
     if per_call == 0 or len(kernels) % replays:
         raise RuntimeError(f"graph_span_ms: {len(kernels)} kernels over {replays} replays")
+    split = first_pass_kernels if first_pass_kernels is not None else per_call
     spans = []
     for i in range(replays):
         call = kernels[i * per_call:(i + 1) * per_call]
-        split = first_pass_kernels if first_pass_kernels is not None else per_call
-        passes = [call[:split], call[split:]]
-        spans.append(sum(max(e for _, e in p) - p[0][0] for p in passes if p))
+        spans.append(sum(max(e for _, e in p) - p[0][0] for p in (call[:split], call[split:]) if p))
     del graph
     return sorted(spans)[len(spans) // 2] / 1e3
 
@@ -148,7 +146,13 @@ def count_kernels(fn) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    return len(_gpu_intervals(prof))
+
+
+def _gpu_intervals(prof) -> list[tuple[float, float]]:
+    """(start, end) in us of every GPU activity (kernels, copies) a torch.profiler run recorded."""
+    return [(e.time_range.start, e.time_range.end) for e in prof.events()
+            if str(getattr(e, "device_type", "")).endswith("CUDA")]
 
 
 def bench_pair(op, shape, b, l, impls, inputs, cot, floor_fwd, floor_fwd_bwd, min_bytes_fwd_bwd=None, spans=False,
