@@ -2,6 +2,7 @@
 
     python bench/profile_train.py                      # 7B batch 1 x 2048, then 0.5B batch 4 x 2048
     python bench/profile_train.py --shape 7B --batch 1 --seqlen 2048 --top 30
+    python bench/profile_train.py --shape 7B --qlora   # the base in 4-bit NF4 (bitsandbytes), QLoRA's step
 
 The step is the benchmark harness's (gyrfalcon/benchmark/systems.py): random-init bf16 weights, rank-16 LoRA on every
 target, activation checkpointing, loss from the chunked linear + cross-entropy, backward (no optimizer). A few eager
@@ -9,7 +10,8 @@ warm-up steps (Triton autotuning), the median eager step, then the same step as 
 (step_graph.GraphedTrainStep): its median, and torch.profiler over two replays.
 
 One JSON line per shape:
-    {"bench": "profile_train", "shape", "batch", "seqlen", "train_step", "eager_step_ms", "eager_tokens_per_s",
+    {"bench": "profile_train", "shape", "base" ("bf16" | "nf4"), "batch", "seqlen", "train_step", "eager_step_ms",
+     "eager_tokens_per_s",
      "step_ms" (graphed, median, no profiler), "tokens_per_s",
      "gpu_busy_ms" (sum of kernel times per step), "gpu_busy_share" (busy / step: low means the GPU waits on the
      host), "kernels_per_step", "by_kind": {kind: ms per step}, "top": [[kernel name, ms per step, calls per step]]}
@@ -32,6 +34,7 @@ from gyrfalcon.lora import ALL_TARGETS, apply_lora
 from gyrfalcon.step_graph import GraphedTrainStep
 
 KINDS = (  # first match wins; names as CUDA reports them
+    ("dequant_4bit", ("dequantize",)),   # bitsandbytes' kDequantizeBlockwise (QLoRA's base)
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "splitk")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("conv_triton", ("_conv_",)),
@@ -64,9 +67,13 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def build(shape: str, device: torch.device) -> tuple[FalconH1ForCausalLM, FalconH1Config]:
+def build(shape: str, device: torch.device, qlora: bool = False) -> tuple[FalconH1ForCausalLM, FalconH1Config]:
     config = FalconH1Config.from_preset(shape)
-    model = FalconH1ForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, seed=0)
+    if qlora:
+        from gyrfalcon.quant import from_config_4bit
+        model = from_config_4bit(config, device=device, compute_dtype=torch.bfloat16, seed=0)
+    else:
+        model = FalconH1ForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, seed=0)
     apply_lora(model, r=16, alpha=32, dropout=0.0, targets=ALL_TARGETS)
     model.enable_gradient_checkpointing()
     model.train()
@@ -89,8 +96,8 @@ def median_ms(fn, repeats: int = 5) -> float:
     return statistics.median(times) * 1e3
 
 
-def profile_shape(shape: str, batch: int, seqlen: int, top: int, device: torch.device) -> dict:
-    model, config = build(shape, device)
+def profile_shape(shape: str, batch: int, seqlen: int, top: int, device: torch.device, qlora: bool = False) -> dict:
+    model, config = build(shape, device, qlora)
     ids = torch.randint(0, config.vocab_size, (batch, seqlen), device=device)
     for _ in range(3):
         eager_step(model, ids)
@@ -119,7 +126,8 @@ def profile_shape(shape: str, batch: int, seqlen: int, top: int, device: torch.d
         by_kind[kind_of(name)] += ms
     busy = sum(ms for ms, _ in per_kernel.values())
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
-    record = {"bench": "profile_train", "shape": shape, "batch": batch, "seqlen": seqlen,
+    record = {"bench": "profile_train", "shape": shape, "base": "nf4" if qlora else "bf16", "batch": batch,
+              "seqlen": seqlen,
               "train_step": "cuda_graph" if graphed.graphed else f"eager ({graphed.disabled})",
               "eager_step_ms": round(eager_ms, 2), "eager_tokens_per_s": round(batch * seqlen / eager_ms * 1e3, 1),
               "step_ms": round(step_ms, 2), "tokens_per_s": round(batch * seqlen / step_ms * 1e3, 1),
@@ -138,11 +146,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--top", type=int, default=30, help="kernels listed per shape")
+    parser.add_argument("--qlora", action="store_true", help="the base in 4-bit NF4 (needs bitsandbytes)")
     args = parser.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
     runs = [(args.shape, args.batch, args.seqlen)] if args.shape else [("7B", 1, 2048), ("0.5B", 4, 2048)]
     for shape, batch, seqlen in runs:
-        print(json.dumps(profile_shape(shape, batch, seqlen, args.top, device)), flush=True)
+        print(json.dumps(profile_shape(shape, batch, seqlen, args.top, device, args.qlora)), flush=True)
         gc.collect()  # the shape's model and graph went with profile_shape's frame
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

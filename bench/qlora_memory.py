@@ -2,19 +2,23 @@
 
     python bench/qlora_memory.py                       # 7B, batch 1 x 2048, QLoRA then the bf16 LoRA baseline
     python bench/qlora_memory.py --no-baseline         # QLoRA only
+    python bench/qlora_memory.py --eager               # each step run eagerly (no CUDA graph), for comparison
     python bench/qlora_memory.py --shape tiny --device cpu --steps 1    # a smoke run of the script itself
 
 Each system builds the model (QLoRA: gyrfalcon.quant.from_config_4bit, the decoder linears in NF4 straight away, so
 the 16-bit model never exists on the GPU; baseline: the same shape in bf16), attaches rank-16 LoRA adapters (fp32)
 on every linear target, turns activation checkpointing on, and runs training steps as gyrfalcon's training loop
-does: forward with the chunked linear + cross-entropy (no logits kept), backward, gradient clipping, fused AdamW.
-The first step (which allocates the optimizer's state) is a warm-up; the next --steps are timed. Target of the
-issue: 7B QLoRA at 2K tokens peaks at 12 GiB or less.
+does: forward with the chunked linear + cross-entropy (no logits kept) and backward through the loop's
+GraphedTrainStep (a CUDA graph captured in the first step, replayed after; eager with --eager or where the model
+cannot be graphed: "train_step" says which), gradient clipping, fused AdamW. The first step (graph capture, the
+optimizer's state) is a warm-up; the next --steps are timed. Target of the issue: 7B QLoRA at 2K tokens peaks at
+12 GiB or less.
 
 One JSON line per system:
     {"bench": "qlora_memory", "system": "qlora-nf4" | "lora-bf16", "shape", "batch", "seqlen", "status",
      "weights_gib" (allocated after building), "build_peak_gib", "peak_gib" (allocator peak over the warm-up and timed
-     steps, weights included), "reserved_gib", "step_s" (median), "tokens_per_s", "model_tflops", "flops_share"
+     steps, weights included), "reserved_gib", "train_step" ("cuda graph", or "eager (why)"), "step_s" (median),
+     "tokens_per_s", "model_tflops", "flops_share"
      (model FLOPs/s over 989 TFLOP/s, gyrfalcon.benchmark.flops.train_flops), "target_peak_gib", env...}
 A system that runs out of memory keeps its line with status "oom".
 """
@@ -33,6 +37,7 @@ from gyrfalcon import FalconH1Config, FalconH1ForCausalLM
 from gyrfalcon.benchmark.flops import H100_BF16_FLOPS, train_flops
 from gyrfalcon.lora import ALL_TARGETS, apply_lora
 from gyrfalcon.quant import from_config_4bit
+from gyrfalcon.step_graph import GraphedTrainStep
 
 GIB = 2**30
 TARGET_PEAK_GIB = 12.0
@@ -48,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--targets", nargs="+", default=list(ALL_TARGETS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-baseline", action="store_true", help="skip the bf16 LoRA baseline")
+    parser.add_argument("--eager", action="store_true", help="run every step eagerly (no CUDA graph)")
     return parser.parse_args(argv)
 
 
@@ -68,27 +74,27 @@ def build(system: str, config: FalconH1Config, device: torch.device, dtype: torc
     return FalconH1ForCausalLM.from_config(config, dtype=dtype, device=device, seed=0)
 
 
-def train_steps(model, config, args, device: torch.device) -> list[float]:
-    """One warm-up step, then args.steps timed ones; returns their durations (s)."""
+def train_steps(model, config, args, device: torch.device) -> tuple[list[float], str]:
+    """One warm-up step, then args.steps timed ones; returns their durations (s) and how the steps ran."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    graph_step = GraphedTrainStep(model, batch_size=args.batch, seq_len=args.seqlen, enabled=not args.eager)
     generator = torch.Generator(device="cpu").manual_seed(0)
     times = []
     for step in range(args.steps + 1):
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), generator=generator).to(device)
         synchronize(device)
         start = time.perf_counter()
-        loss = model(ids, labels=ids, return_logits=False).loss
-        loss.backward()
+        graph_step.zero_grad()  # in place: a graph writes to fixed addresses
+        loss = graph_step(ids, ids)
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         if step > 0:
             times.append(time.perf_counter() - start)
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {loss.item()} at step {step}")
-    return times
+    return times, "cuda graph" if graph_step.graphed else f"eager ({graph_step.disabled})"
 
 
 def run_system(system: str, config: FalconH1Config, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -112,7 +118,7 @@ def run_system(system: str, config: FalconH1Config, args, device: torch.device, 
         model.train()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = train_steps(model, config, args, device)
+        times, record["train_step"] = train_steps(model, config, args, device)
         record["peak_gib"] = allocated_gib(device, peak=True)
         record["reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
         step_s = statistics.median(times)

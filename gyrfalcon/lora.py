@@ -173,7 +173,19 @@ class LoRALinear4bit(LoRALayer, Linear4bit):
     def base_weight(self) -> torch.Tensor:
         return self.dequantized_weight()
 
+    def lora_parts(self) -> LoRAParts | None:
+        """The tensors lora_autograd's functions take (the NF4 codes and their quant state: each product
+        dequantizes the weight just before it runs), in training without dropout on the adapter's input; else None.
+        Outside training the layer keeps bitsandbytes' matmul, whose few-row (decoding) kernel reads the 4-bit codes
+        directly instead of dequantizing the whole weight for each step."""
+        if not self.training or self.dropout_p > 0.0:
+            return None
+        return LoRAParts(self.weight, self.bias, self.lora_A, self.lora_B, self.scale, quant_state=self.quant_state)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.lora_parts()
+        if parts is not None:
+            return lora_group(x, [parts])[0]
         return self.add_adapter_output(Linear4bit.forward(self, x), x)
 
     def extra_repr(self) -> str:

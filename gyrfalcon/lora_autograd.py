@@ -31,6 +31,11 @@ Two nodes, for activation checkpointing:
 The adapters may be stored in another dtype (float32 adapters on a bf16 base): they are cast to x's dtype for the
 products and their gradients are cast back. Dropout on the adapters' input is not handled here (the layer then
 keeps its plain expression).
+
+A 4-bit base (QLoRA: W_i stored as NF4 codes with a bitsandbytes quant state, LoRAParts.quant_state) runs through
+the same two nodes: each product dequantizes its weight into a temporary dense one just before using it, in the
+forward and again in the backward (as bitsandbytes' own matmul does), so no dense copy outlives a product. The
+dequantization is a plain kernel on the current stream, so such a step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -43,12 +48,23 @@ import torch
 @dataclass(frozen=True)
 class LoRAParts:
     """One adapted projection's tensors: weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r), and
-    the adapter's scale."""
+    the adapter's scale. quant_state: None for a dense weight; for a 4-bit base (quant.Linear4bit), bitsandbytes'
+    QuantState, and weight holds the packed NF4 codes (frozen)."""
     weight: torch.Tensor
     bias: torch.Tensor | None
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scale: float
+    quant_state: object | None = None
+
+
+def _dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight a product uses, in dtype: the weight itself (cast if needed), or a 4-bit weight's
+    dequantization (a temporary)."""
+    if quant_state is None:
+        return weight.to(dtype)
+    from .quant import dequantize_codes  # quant imports the model, which imports this module
+    return dequantize_codes(weight, quant_state).to(dtype)
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -76,29 +92,30 @@ class LoRAInputFn(torch.autograd.Function):
 class LoRAProductFn(torch.autograd.Function):
     """y_i = s_i h_i B_i^T + x W_i^T (+ b_i) for the n projections of a group (the module docstring).
 
-    apply(n, scales, layer_end, x (tokens, in), h (tokens, R), a (R, in), *weights, *biases, *lora_Bs) -> n
-    outputs (tokens, out_i); a is the group's stacked lora_A in x's dtype (no gradient here: LoRAInputFn gives it);
-    layer_end: keep h on the context rather than save it (the module docstring)."""
+    apply(n, scales, quant_states, layer_end, x (tokens, in), h (tokens, R), a (R, in), *weights, *biases,
+    *lora_Bs) -> n outputs (tokens, out_i); a is the group's stacked lora_A in x's dtype (no gradient here:
+    LoRAInputFn gives it); quant_states: one per weight, None for a dense one (LoRAParts.quant_state); layer_end:
+    keep h on the context rather than save it (the module docstring)."""
 
     @staticmethod
-    def forward(ctx, n: int, scales: tuple[float, ...], layer_end: bool, x, h, a, *tensors):
+    def forward(ctx, n: int, scales: tuple[float, ...], quant_states: tuple, layer_end: bool, x, h, a, *tensors):
         weights, biases, lora_bs = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         bs = [b.to(x.dtype) for b in lora_bs]                     # no-ops when the dtypes agree
         ranks = [b.shape[1] for b in bs]
         outs = []
-        for w, bias, b, h_i, s in zip(weights, biases, bs, h.split(ranks, dim=1), scales):
+        for w, qs, bias, b, h_i, s in zip(weights, quant_states, biases, bs, h.split(ranks, dim=1), scales):
             if bias is None:
                 y = _scaled_mm(h_i, b.t(), s)
             else:
                 y = torch.addmm(bias.to(x.dtype), h_i, b.t(), alpha=s)
-            outs.append(y.addmm_(x, w.t()))
+            outs.append(y.addmm_(x, _dense_weight(w, qs, x.dtype).t()))
         train_base = any(w.requires_grad for w in weights)
         # dW needs x; with a trained base the checkpointing skip of layer_end is lost (module docstring)
         ctx.save_for_backward(x if train_base else None, None if layer_end else h)
         ctx.kept_h = h.detach() if layer_end else None
         ctx.n, ctx.scales, ctx.ranks = n, scales, ranks
         ctx.x_dtype = x.dtype
-        ctx.a, ctx.weights, ctx.bs = a, weights, bs
+        ctx.a, ctx.weights, ctx.bs, ctx.quant_states = a, weights, bs, quant_states
         # Tensors on the context escape autograd's check that nothing saved was modified in place before the
         # backward (an optimizer step between the two): the same check, by hand.
         ctx.versions = [t._version for t in (a, *weights, *bs)]
@@ -110,8 +127,8 @@ class LoRAProductFn(torch.autograd.Function):
     def backward(ctx, *dys):
         n, scales = ctx.n, ctx.scales
         needs = ctx.needs_input_grad
-        need_x, need_h = needs[3], needs[4]
-        need_w, need_bias, need_b = needs[6:6 + n], needs[6 + n:6 + 2 * n], needs[6 + 2 * n:]
+        need_x, need_h = needs[4], needs[5]
+        need_w, need_bias, need_b = needs[7:7 + n], needs[7 + n:7 + 2 * n], needs[7 + 2 * n:]
         dtype = ctx.x_dtype
         if [t._version for t in (ctx.a, *ctx.weights, *ctx.bs)] != ctx.versions:
             raise RuntimeError("a LoRA layer's weight or adapter was modified in place between the forward and the "
@@ -126,8 +143,8 @@ class LoRAProductFn(torch.autograd.Function):
         dx = None
         if need_x:
             dx = torch.mm(dh, ctx.a)
-            for dy, w in zip(dys, ctx.weights):
-                dx.addmm_(dy, w.to(dtype))
+            for dy, w, qs in zip(dys, ctx.weights, ctx.quant_states):
+                dx.addmm_(dy, _dense_weight(w, qs, dtype))
         h_parts = h.split(ctx.ranks, dim=1)
         dws, dbiases, dbs = [None] * n, [None] * n, [None] * n
         for i, (dy, s) in enumerate(zip(dys, scales)):
@@ -137,7 +154,7 @@ class LoRAProductFn(torch.autograd.Function):
                 dws[i] = torch.mm(dy.t(), x).to(ctx.weights[i].dtype)
             if need_bias[i] and ctx.bias_dtypes[i] is not None:
                 dbiases[i] = dy.sum(0).to(ctx.bias_dtypes[i])
-        return (None, None, None, dx, dh if need_h else None, None, *dws, *dbiases, *dbs)
+        return (None, None, None, None, dx, dh if need_h else None, None, *dws, *dbiases, *dbs)
 
 
 def lora_group(x: torch.Tensor, parts: list[LoRAParts], *, layer_end: bool = False) -> list[torch.Tensor]:
@@ -148,7 +165,8 @@ def lora_group(x: torch.Tensor, parts: list[LoRAParts], *, layer_end: bool = Fal
     a = [p.lora_A.to(x.dtype) for p in parts]                  # no-ops when the dtypes agree
     a = torch.cat(a) if len(a) > 1 else a[0]                    # (R, in)
     h = LoRAInputFn.apply(x2, a)
-    outs = LoRAProductFn.apply(len(parts), tuple(float(p.scale) for p in parts), layer_end, x2, h, a.detach(),
+    outs = LoRAProductFn.apply(len(parts), tuple(float(p.scale) for p in parts), tuple(p.quant_state for p in parts),
+                               layer_end, x2, h, a.detach(),
                                *(p.weight for p in parts), *(p.bias for p in parts), *(p.lora_B for p in parts))
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
 

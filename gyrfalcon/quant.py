@@ -118,7 +118,7 @@ class Linear4bit(nn.Module):
     @torch.no_grad()
     def dequantized_weight(self) -> torch.Tensor:
         """The dense weight this layer computes with: (out, in) in the compute dtype (a new tensor)."""
-        return bitsandbytes_module().functional.dequantize_4bit(self.weight, self.quant_state)
+        return dequantize_codes(self.weight, self.quant_state)
 
     def _apply(self, fn, recurse=True):
         # The quant state's tensors are not parameters or buffers: follow the packed weight across devices. Dtype
@@ -132,6 +132,13 @@ class Linear4bit(nn.Module):
         dtype = str(self.compute_dtype).removeprefix("torch.") if self.quant_state is not None else "unset"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nf4 (double quant), compute_dtype={dtype}")
+
+
+def dequantize_codes(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """A 4-bit weight's dense form: packed NF4 codes (ceil(out * in / 2), 1) uint8 and their QuantState -> (out,
+    in) in the state's compute dtype, a new tensor (no gradient flows: the codes are frozen). One or two kernels on
+    the current stream (the absmaxes' own dequantization, then the weight's), nothing read back to the host."""
+    return bitsandbytes_module().functional.dequantize_4bit(packed, quant_state)
 
 
 # ---------------------------------------------------------------------------------------------- model level

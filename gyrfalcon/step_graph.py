@@ -42,8 +42,6 @@ def graph_blockers(model: nn.Module) -> list[str]:
         reasons.append(f"the model is on {device}, not a CUDA device")
     if model.config.rope["rope_type"] == "dynamic":
         reasons.append("dynamic RoPE scaling sizes its frequencies from the longest position, read back to the host")
-    if any(type(m).__name__ in ("Linear4bit", "LoRALinear4bit") for m in model.modules()):
-        reasons.append("the base is 4-bit (QLoRA): bitsandbytes' matmul has not been checked under graph capture")
     if getattr(model.model, "offload_checkpoints", False):
         reasons.append("activation offload copies the saved layer inputs to host memory, which a graph cannot do")
     active = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0 and m.training]

@@ -123,6 +123,46 @@ def test_lora_on_a_4bit_layer_adds_the_adapter_to_its_output():
     assert rel_err(layer.merged_weight(), w + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()) <= 1e-6
 
 
+def test_qlora_training_step_equals_lora_on_the_dequantized_base(monkeypatch):
+    """In training, LoRA layers on a 4-bit base run lora_autograd's grouped products, each dequantizing its weight
+    when it runs (forward, recomputation, backward): loss and gradients equal LoRA's on a dense base holding the
+    dequantized weights; outside training the layers keep bitsandbytes' matmul."""
+    import gyrfalcon.quant as quant
+
+    config = tiny_config(num_hidden_layers=2)
+    model = from_config_4bit(config, device="cpu", compute_dtype=torch.float32, seed=0)
+    dense = dequantize(from_config_4bit(config, device="cpu", compute_dtype=torch.float32, seed=0))
+    for m in (model, dense):
+        apply_lora(m, r=4, alpha=8, adapter_dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith(("lora_A", "lora_B")):
+                    p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        m.enable_gradient_checkpointing()
+        m.train()
+    calls = []
+    real = quant.dequantize_codes
+    monkeypatch.setattr(quant, "dequantize_codes", lambda packed, state: calls.append(1) or real(packed, state))
+    batch = ids(seed=5)
+    loss = model(batch, labels=batch, return_logits=False).loss
+    loss.backward()
+    # per layer: 9 products in the forward, 8 in the recomputation (it stops before down_proj's), 9 in the backward,
+    # less the first layer's in_proj, q, k and v there (the embeddings are frozen: no input gradient to compute)
+    assert len(calls) == 26 * config.num_hidden_layers - 4
+    expected = dense(batch, labels=batch, return_logits=False).loss
+    expected.backward()
+    assert rel_err(loss, expected) <= 1e-6
+    grads = dict(dense.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, grads[name].grad) <= 1e-5, name
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    assert not calls
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def test_load_4bit_quantizes_the_decoder_linears_and_nothing_else(base):
     dense = load_model(FalconH1ForCausalLM, base, dtype=torch.float32, device="cpu")

@@ -143,6 +143,41 @@ def test_gpu_full_fine_tuning_graph_replay_equals_the_eager_step():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("targets", ["all", "q_v"])
+def test_gpu_qlora_graph_replay_equals_the_eager_step(targets):
+    """A 4-bit (NF4) base: adapted layers dequantize their weight inside each product, layers without an adapter run
+    bitsandbytes' matmul (targets q_v); replays give the eager loss and gradients."""
+    pytest.importorskip("bitsandbytes")
+    from gyrfalcon.lora import ALL_TARGETS
+    from gyrfalcon.quant import from_config_4bit
+
+    config = FalconH1Config.from_preset("tiny", num_hidden_layers=3)
+    model = from_config_4bit(config, device="cuda", compute_dtype=torch.float32, seed=0)
+    apply_lora(model, r=4, alpha=8, targets=ALL_TARGETS if targets == "all" else ("q_proj", "v_proj"),
+               adapter_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.02, generator=torch.Generator(device="cuda").manual_seed(len(name)))
+    model.enable_gradient_checkpointing()
+    model.train()
+    assert unsupported_reason(model) is None
+    first, second = batch(config, 2, 96, "cuda", 1, True), batch(config, 2, 96, "cuda", 2, True)
+    loss1, grads1 = eager_grads(model, *first)
+    loss2, grads2 = eager_grads(model, *second)
+    step = GraphedTrainStep(model, batch_size=2, seq_len=96)
+    for (ids, labels, seq_idx), loss, grads in ((first, loss1, grads1), (second, loss2, grads2)):
+        step.zero_grad()
+        got = step(ids, labels, seq_idx)
+        assert step.graphed, step.disabled
+        torch.testing.assert_close(got, loss.float(), rtol=1e-5, atol=1e-6)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_dropout_runs_eagerly():
     model = lora_model("cuda", dropout=0.1)
     step = GraphedTrainStep(model, batch_size=1, seq_len=32)
