@@ -160,6 +160,32 @@ def test_parquet_and_hub_need_their_packages(tok, tmp_path, monkeypatch):
         tokenize_source(tmp_path / "missing.jsonl", tok)
 
 
+def test_hub_dataset_name_reads_its_split(tok, monkeypatch):
+    """A name that is not a local file goes to datasets.load_dataset with the split and token (a stand-in module
+    here: no network), its rows are numbered from 1 like a file's, and a loading failure is a DataError naming the
+    dataset and split."""
+    import types
+
+    calls = []
+
+    def load_dataset(name, split, token):
+        calls.append((name, split, token))
+        if name == "some-org/offline":
+            raise ConnectionError("no route to the hub")
+        return [CHAT[0], CHAT[1], {"messages": [{"role": "user", "content": "hi"}]}]
+
+    monkeypatch.setitem(__import__("sys").modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    examples, stats = tokenize_source("some-org/chat", tok, split="train[:3]", token="tok-123", bad_rows="skip")
+    assert calls == [("some-org/chat", "train[:3]", "tok-123")]
+    assert len(examples) == 2 and stats.source == "some-org/chat" and stats.skipped == 1
+    ref, _ = tokenize_source(CHAT[:2], tok)
+    assert [e.input_ids for e in examples] == [e.input_ids for e in ref]
+    with pytest.raises(DataError, match=r"some-org/chat: row 3: has no assistant message"):
+        tokenize_source("some-org/chat", tok)
+    with pytest.raises(DataError, match=r"some-org/offline: could not load split 'train' .*ConnectionError"):
+        tokenize_source("some-org/offline", tok)
+
+
 # ---------------------------------------------------------------------------------------------- bad rows
 BAD = [
     ({"messages": CHAT[0]["messages"]}, None),
