@@ -8,11 +8,18 @@ weight trains): it trains whatever parameters require a gradient.
   weighted by its share of the step's trained tokens: 2 micro-batches of 2 rows give the update 1 batch of 4 does.
 - Reproducible: the seed fixes the adapters' init, the data order and dropout; on the CPU two runs with the same
   seed give the same losses bit for bit.
-- Checkpoints (`<output>/checkpoints/step-N/`: the adapter or the model, optimizer.pt, rng.pt, trainer_state.json)
-  are written to a temporary folder and renamed into place, every `save_every` steps, at the end, on Ctrl-C and on
-  an unexpected error. Ctrl-C during an optimizer update is held back until the update is complete, so a checkpoint
-  never holds half an update. `resume` restores the weights, the optimizer, the RNGs and the data position: the loss
-  curve continues as if the run had never stopped. .pt files are read with torch.load(weights_only=True).
+- Half-precision weights: the optimizer steps fp32 master copies of the bf16/fp16 parameters it trains (full
+  fine-tuning of a bf16 model) and rewrites the model's weights from them after each update, since most
+  fine-tuning updates are too small to change a bf16 weight (master_weights.py); gradients are clipped in fp32.
+  The copies cost 4 bytes per such weight (run.json and the log say how many). LoRA adapters are fp32 already.
+- Checkpoints (`<output>/checkpoints/step-N/`: the adapter or the model, optimizer.pt, rng.pt, trainer_state.json,
+  and master_weights.safetensors when there are fp32 copies) are written to a temporary folder and renamed into
+  place, every `save_every` steps, at the end, on Ctrl-C and on an unexpected error. Ctrl-C during an optimizer
+  update is held back until the update is complete, so a checkpoint never holds half an update; one that comes
+  during a micro-batch loses that step's partial work, and the checkpoint keeps the RNG state as the last completed
+  step left it (not as the stopped step's dropout masks left it). `resume` restores the weights, the optimizer, the
+  RNGs and the data position: the loss curve continues as if the run had never stopped. .pt files are read with
+  torch.load(weights_only=True).
 - A non-finite loss or gradient stops the run before the update, with a TrainingError naming the step and the last
   good checkpoint, which is left as it was.
 - Output: `<output>/metrics.jsonl` (one JSON object per step and per evaluation), `loss.png` (needs matplotlib),
@@ -40,11 +47,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .checkpoint import save_model, weight_files
 from .data import BatchStream, PreparedData
 from .lora import has_lora
+from .master_weights import MasterWeights
 from .peft_io import atomic_folder, copy_adapter_weights, read_adapter_weights, write_adapter_files
 from .recipes import FinetuneConfig
 from .step_graph import GraphedTrainStep
@@ -52,8 +60,14 @@ from .step_graph import GraphedTrainStep
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 STATE = "trainer_state.json"
+MASTER_WEIGHTS = "master_weights.safetensors"  # in a checkpoint: the fp32 copies of half-precision trained weights
 TRAINING_INFO = "gyrfalcon_training.json"  # beside the result: how it was trained (merge reads `method`)
 _STEP_DIR = re.compile(r"step-(\d+)")
+# What a run writes into its folder (base/: a random-init base the API keeps beside the adapter; merged/: where the
+# run's last message suggests merging to), and the temporary names of its atomic writes. --overwrite deletes a
+# folder only if it holds nothing else.
+RUN_ENTRIES = frozenset({"run.json", METRICS, "loss.png", CHECKPOINTS, "adapter", "model", "base", "merged"})
+_RUN_TEMPORARY = re.compile(r"\.(run\.json|metrics\.jsonl)\.tmp|\.(adapter|model|base|merged)\.partial-.+")
 # Settings that fix the data stream or the trained parameters: a checkpoint resumes only with the same values.
 _RESUME_FIXED = ("method", "batch_size", "grad_accum", "seed", "max_seq_length", "packing", "lora_r", "lora_alpha",
                  "lora_targets", "use_rslora", "train_on_prompt")
@@ -90,14 +104,26 @@ def warmup_steps(config: FinetuneConfig, total: int) -> int:
 
 
 def require_8bit_optimizer(device: torch.device):
-    """bitsandbytes.optim, or a TrainingError saying why adamw_8bit cannot run here."""
-    if device.type != "cuda":
-        raise TrainingError("optimizer adamw_8bit needs a CUDA GPU (bitsandbytes); use adamw on the CPU")
+    """bitsandbytes.optim, checked to run its 8-bit AdamW on `device`; or a TrainingError saying what is missing.
+
+    The check is one step on a probe of 4,096 weights, the smallest that bitsandbytes keeps in 8 bits (smaller
+    tensors get 32-bit state): CUDA always, the CPU in recent releases (0.50.2 runs it), other devices as they come.
+    """
+    device = torch.device(device)
     try:
         import bitsandbytes as bnb
-    except ImportError:
-        raise TrainingError("optimizer adamw_8bit needs bitsandbytes (pip install bitsandbytes), or use "
+    except (ImportError, OSError, RuntimeError) as err:  # old releases raise RuntimeError when their library is missing
+        raise TrainingError("optimizer adamw_8bit needs bitsandbytes, which cannot be imported "
+                            f"({type(err).__name__}: {err}): pip install bitsandbytes; or use optimizer "
                             "adamw") from None
+    probe = torch.linspace(-1.0, 1.0, 4096, device=device)
+    probe.grad = torch.linspace(1.0, -1.0, 4096, device=device)
+    try:
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, AttributeError) as err:
+        raise TrainingError(f"optimizer adamw_8bit: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run its "
+                            f"8-bit AdamW on {device} ({type(err).__name__}: {err}); use a CUDA GPU (or a recent "
+                            "bitsandbytes for the CPU), or optimizer adamw") from None
     return bnb.optim
 
 
@@ -126,7 +152,33 @@ def check_output(output_dir, *, resume: bool, overwrite: bool) -> Path | None:
         hint = " (it holds checkpoints: --resume continues that run)" if latest_checkpoint(output_dir) else ""
         raise TrainingError(f"{output_dir} already exists and is not empty{hint}; pass --overwrite to replace it, "
                             "or choose another --output")
+    if overwrite and output_dir.is_dir() and (refusal := overwrite_refusal(output_dir)):
+        raise TrainingError(refusal)
     return None
+
+
+def overwrite_refusal(output_dir) -> str | None:
+    """Why --overwrite must not delete this folder, or None when it may: it is empty, or it is a gyrfalcon run
+    folder (run.json, checkpoints/ or a result's gyrfalcon_training.json marks one) holding only what a run writes.
+    `--output . --overwrite` in a folder of data must not delete the data."""
+    output_dir = Path(output_dir)
+    entries = sorted(output_dir.iterdir())
+    if not entries:
+        return None
+    marked = ((output_dir / "run.json").is_file() or (output_dir / CHECKPOINTS).is_dir()
+              or any((output_dir / result / TRAINING_INFO).is_file() for result in ("adapter", "model")))
+    foreign = [p for p in entries if p.name not in RUN_ENTRIES and not _RUN_TEMPORARY.fullmatch(p.name)]
+    if marked and not foreign:
+        return None
+    shown = foreign if marked else entries
+    listing = ", ".join(p.name + ("/" if p.is_dir() else "") for p in shown[:5])
+    listing += f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+    if not marked:
+        return (f"--overwrite would delete all of {output_dir}, which is not a gyrfalcon run folder (it has no "
+                f"run.json or {CHECKPOINTS}/); it holds {listing}. Choose another --output, or move or delete that "
+                "folder yourself if it is meant to go")
+    return (f"--overwrite would delete {output_dir}, a gyrfalcon run folder that also holds what no run writes: "
+            f"{listing}. Move those elsewhere first (or delete the folder yourself), or choose another --output")
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -227,9 +279,11 @@ class TrainingLoop:
                                         packed=data.packed, shuffle=False) if data.eval else None)
         self.total = total_steps(config, self.train_stream.per_epoch)
         self.warmup = warmup_steps(config, self.total)
+        self.master = MasterWeights(self.params)  # fp32 copies of bf16/fp16 trained weights (none for fp32 ones)
         self.optimizer = self._make_optimizer()
         self.state = TrainState()
         self._saved_step = -1
+        self._rng_after_step: dict | None = None  # the RNGs as the last completed step left them (for checkpoints)
         self._in_update = False
         self._interrupt_pending = False
         self._output_ready = False
@@ -238,8 +292,8 @@ class TrainingLoop:
     # ------------------------------------------------------------------ set-up
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
-        decay = [p for n, p in self.params if p.ndim >= 2]
-        no_decay = [p for n, p in self.params if p.ndim < 2]
+        decay = [p for n, p in self.master.optimizer_params if p.ndim >= 2]
+        no_decay = [p for n, p in self.master.optimizer_params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -254,7 +308,9 @@ class TrainingLoop:
             return
         self._output_ready = True
         if self.resume_from is None:
-            if self.output_dir.exists() and self.config.overwrite:
+            if self.output_dir.is_dir() and self.config.overwrite:
+                if refusal := overwrite_refusal(self.output_dir):  # check_output said so; the folder may have changed
+                    raise TrainingError(refusal)
                 shutil.rmtree(self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_info()
@@ -271,6 +327,9 @@ class TrainingLoop:
                              "fingerprint": self.fingerprint},
                     "steps": self.total, "warmup_steps": self.warmup,
                     "trainable_parameters": sum(p.numel() for _, p in self.params)}
+            if self.master:
+                info["master_weights"] = {"dtype": "float32", "copies_of": self.master.dtypes(),
+                                          "parameters": self.master.numel, "bytes": self.master.nbytes}
         _write_json_atomic(path, info)
 
     # ------------------------------------------------------------------ checkpoints
@@ -285,7 +344,10 @@ class TrainingLoop:
             else:
                 save_model(self.model, tmp / "model")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
+            if self.master:  # the optimizer's weights: the model's are these rounded, so resume needs them
+                save_file(self.master.state_dict(), str(tmp / MASTER_WEIGHTS))
+            # Not the live state: a stop inside a micro-batch comes after that step's dropout masks were drawn.
+            torch.save(self._rng_after_step if self._rng_after_step is not None else _rng_state(), tmp / "rng.pt")
             state = {**asdict(self.state), "fingerprint": self.fingerprint, "config": self.config.to_dict(),
                      "total_steps": self.total, "lora": self.lora}
             (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -325,9 +387,11 @@ class TrainingLoop:
             copy_adapter_weights(self.model, read_adapter_weights(path / "adapter"), source=path / "adapter")
         else:
             self._load_model_weights(path / "model")
+        self._load_master_weights(path)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
         _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        self._rng_after_step = _rng_state()
         known = set(TrainState.__dataclass_fields__)
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self._saved_step = self.state.step
@@ -343,6 +407,29 @@ class TrainingLoop:
                 if name not in params:
                     raise TrainingError(f"{file}: unexpected tensor {name!r} for this model")
                 params[name].copy_(tensor)
+
+    @torch.no_grad()
+    def _load_master_weights(self, path: Path) -> None:
+        """The fp32 copies from a checkpoint. A run without copies (its weights are fp32 now) takes their values,
+        which are more precise than the checkpoint's rounded weights."""
+        file = path / MASTER_WEIGHTS
+        if not file.is_file():
+            if self.master:
+                self.master.reset_from_model()
+                self.console.print(f"note: {path} holds no fp32 master weights: they start from its "
+                                   f"{'/'.join(self.master.dtypes())} weights", markup=False)
+            return
+        tensors = load_file(str(file), device=str(self.device))
+        if not self.master:
+            params = dict(self.params)
+            for name, tensor in tensors.items():
+                if name in params:
+                    params[name].copy_(tensor)
+            return
+        try:
+            self.master.load_state_dict(tensors)
+        except (KeyError, ValueError) as err:
+            raise TrainingError(f"{file}: {err.args[0]}; the checkpoint is of another model") from None
 
     # ------------------------------------------------------------------ steps
     def _micro_batches(self):
@@ -363,7 +450,8 @@ class TrainingLoop:
             batch = batch.to(self.device)
             weight = batch.n_targets / n_targets  # token-weighted: accumulation equals one big batch
             loss_sum += self.graph_step(batch.input_ids, batch.labels, batch.seq_idx, weight) * weight
-        params = [p for _, p in self.params]
+        self.master.grads_to_master()  # clip and step in fp32 where the weights are half precision
+        params = [p for _, p in self.master.optimizer_params]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         loss, norm = torch.stack([loss_sum, grad_norm.float().to(self.device)]).tolist()
@@ -376,12 +464,14 @@ class TrainingLoop:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            self.master.write_back()
             self.graph_step.zero_grad()  # in place: a graph writes to fixed addresses
             self.state.step += 1
             self.state.micro_batches += len(batches)
             self.state.tokens += sum(b.n_tokens for b in batches)
             self.state.trained_tokens += n_targets
             self.state.last_loss = loss
+            self._rng_after_step = _rng_state()  # what the next step starts from, whatever stops it midway
             self._in_update = False
         self._interrupt_pending = bool(received)
         epoch = self.state.micro_batches / self.train_stream.per_epoch
@@ -430,6 +520,10 @@ class TrainingLoop:
         else:
             torch.manual_seed(self.config.seed)
             random.seed(self.config.seed)
+            self._rng_after_step = _rng_state()
+            self.master.reset_from_model()  # the weights as the run starts from them
+        if self.master:
+            self.console.print(self.master.summary(), markup=False)
         try:
             self._loop()
         except TrainingError:
