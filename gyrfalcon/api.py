@@ -10,8 +10,9 @@
     model.save_pretrained_merged("my-model", tokenizer)    # Hugging Face checkpoint, adapters folded in
 
 QLoRA: `from_pretrained(name, load_in_4bit=True)` loads the base with its decoder layers' linears in 4-bit NF4
-(gyrfalcon.quant); get_peft_model, Trainer and save_pretrained then work as above, and save_pretrained_merged folds
-the adapters into the dequantized 4-bit weights.
+(gyrfalcon.quant); get_peft_model, Trainer and save_pretrained then work as above (the adapter folder records its
+4-bit base, so that `merge` folds it into the dequantized 4-bit weights), and save_pretrained_merged folds the adapters
+into the dequantized 4-bit weights.
 
 `from_pretrained()` with no name gives the built-in tiny model (random init) and its tokenizer; a folder holding an
 adapter loads its base model and the adapter. `Trainer(...)` takes the dataset as a file, a hub name, a list of
@@ -21,7 +22,6 @@ skip get_peft_model (every weight then trains). `finetune(config)` is the whole 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -29,17 +29,18 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .checkpoint import CheckpointError, default_device, default_dtype, load_model, resolve_checkpoint, save_model
+from .checkpoint import (HUB_ID, CheckpointError, default_device, default_dtype, load_config, load_model,
+                         resolve_checkpoint, save_model)
 from .config import FalconH1Config
 from .data import DataError, Fields, PreparedData, check_source, prepare_data
 from .lora import (ALL_TARGETS, apply_lora, base_state_dict, has_lora, lora_layers, lora_targets, merge_and_unload,
                    merged_state_dict)
 from .model import FalconH1ForCausalLM
-from .peft_io import (adapter_base, atomic_folder, load_adapter, local_adapter, read_adapter_config,
-                      resolve_adapter, save_adapter, targets_out_proj, tokenizer_source)
+from .peft_io import (TRAINING_INFO, adapter_base, atomic_folder, base_was_4bit, load_adapter, local_adapter,
+                      read_adapter_config, resolve_adapter, save_adapter, targets_out_proj, tokenizer_source)
 from .quant import QLoRAUnavailable, bitsandbytes_module, count_parameters, dequantize, is_quantized, load_4bit
 from .recipes import FinetuneConfig, RecipeError, load_recipe
-from .train import TRAINING_INFO, TrainingLoop, TrainResult, check_output, require_8bit_optimizer
+from .train import TrainingLoop, TrainResult, check_output, require_8bit_optimizer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Hugging Face TrainingArguments names a notebook user may reach for, and gyrfalcon's name for each.
@@ -118,7 +119,8 @@ def from_pretrained(model_name: str | None = None, *, max_seq_length: int = 2048
                     dtype=None, device=None, token: str | None = None, revision: str | None = None,
                     seed: int = 0):
     """(model, tokenizer). model_name: a checkpoint folder or hub id; None: the built-in tiny model (random init);
-    an adapter folder: its base model (from adapter_config.json) with the adapter attached (a LoraModel).
+    an adapter folder: its base model (from adapter_config.json) with the adapter attached (a LoraModel); an adapter
+    trained with QLoRA runs on the 4-bit base it was trained on only with load_in_4bit=True (a note says so).
     max_seq_length becomes the tokenizer's model_max_length, which Trainer uses as its default.
     load_in_4bit: QLoRA's base, the decoder layers' linears in 4-bit NF4 (needs bitsandbytes; a CUDA GPU for real
     models, the CPU works for the tiny one); dtype is then the compute dtype of everything else."""
@@ -133,6 +135,9 @@ def from_pretrained(model_name: str | None = None, *, max_seq_length: int = 2048
     tokenizer = load_tokenizer(tokenizer_source(adapter, model_name), revision=revision, token=token)
     tokenizer.model_max_length = max_seq_length
     if adapter is not None:
+        if base_was_4bit(adapter) and not load_in_4bit:
+            print(f"note: {adapter} was trained on a 4-bit (QLoRA) base; it is attached to the dense base here, "
+                  "which computes slightly different outputs: pass load_in_4bit=True for the model it was trained as")
         load_adapter(model, adapter, trainable=True, adapter_dtype=_adapter_dtype(model))
         return LoraModel(model, base_model_name_or_path=model.name_or_path), tokenizer
     return model, tokenizer
@@ -179,7 +184,8 @@ class LoraModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     def save_pretrained(self, directory, tokenizer=None, *, overwrite: bool = False) -> Path:
-        """Write the adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), atomically."""
+        """Write the adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), atomically, with
+        gyrfalcon_training.json recording whether the base is 4-bit (merge reads it)."""
         path = save_adapter(self.base_model, directory, base_model_name_or_path=self.base_model_name_or_path,
                             tokenizer=tokenizer, overwrite=overwrite)
         if self.base_model_name_or_path is None:
@@ -190,11 +196,14 @@ class LoraModel(nn.Module):
                   "layers on Falcon-H1 (save_pretrained_merged gives a checkpoint every tool loads)")
         return path
 
-    def save_pretrained_merged(self, directory, tokenizer=None, *, overwrite: bool = False,
-                               max_shard_size: int | str = "5GB") -> Path:
+    def save_pretrained_merged(self, directory, tokenizer=None, save_method: str = "merged_16bit", *,
+                               overwrite: bool = False, max_shard_size: int | str = "5GB") -> Path:
         """Write a Hugging Face checkpoint with every adapter folded into its base weight; the model in memory is
         left as it is (the merged copy is built on the CPU). On a 4-bit base (QLoRA), the adapters are folded into
-        the dequantized 4-bit weights they were trained on."""
+        the dequantized 4-bit weights they were trained on. save_method: Unsloth's name for what is written; only
+        "merged_16bit" (a dense checkpoint in the model's dtype) is gyrfalcon's, other values are refused with
+        what to call instead."""
+        _check_save_method(save_method)
         if is_quantized(self.base_model):
             print(f"note: {directory}: adapters merged onto the dequantized 4-bit (NF4) base weights they were trained "
                   "on; the checkpoint carries the 4-bit rounding of the base")
@@ -204,6 +213,25 @@ class LoraModel(nn.Module):
     def merge_and_unload(self) -> FalconH1ForCausalLM:
         """Fold the adapters into the base weights in place and return the plain model."""
         return merge_and_unload(self.base_model)
+
+
+# Unsloth's save_method values that gyrfalcon does not write, and what to do instead.
+_OTHER_SAVE_METHODS = {
+    "lora": "it writes the adapter alone, which is model.save_pretrained(directory, tokenizer)",
+    "merged_4bit": "gyrfalcon writes merged checkpoints dense (save_method='merged_16bit'); to run one in 4 bits, "
+                   "load it with from_pretrained(folder, load_in_4bit=True)",
+}
+_OTHER_SAVE_METHODS["merged_4bit_forced"] = _OTHER_SAVE_METHODS["merged_4bit"]
+
+
+def _check_save_method(save_method: str) -> None:
+    if save_method == "merged_16bit":
+        return
+    if save_method in _OTHER_SAVE_METHODS:
+        raise ValueError(f"save_method={save_method!r} is not supported by save_pretrained_merged: "
+                         f"{_OTHER_SAVE_METHODS[save_method]}")
+    raise ValueError(f"save_method must be 'merged_16bit' (a dense Hugging Face checkpoint), got {save_method!r}; "
+                     "for the adapter alone use model.save_pretrained(directory)")
 
 
 def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
@@ -285,12 +313,19 @@ class Trainer:
                           else getattr(self.model, "name_or_path", None))
         settings.setdefault("model", self.base_name)
         settings.setdefault("output", _default_output(self.base_name, settings["method"]))
+        # Checkpointing settings given here are applied when training starts; those not given keep the model's
+        # state (get_peft_model(use_gradient_checkpointing=True) sets it), so the config and run.json say what ran.
+        self.checkpointing_given = {key for key in _CHECKPOINTING if key in settings}
+        enabled, offload = _checkpointing_state(self.model)
+        settings.setdefault("gradient_checkpointing", enabled)
+        # offloading works on checkpointed layers: checkpointing turned off here turns it off too
+        settings.setdefault("offload_activations", offload and bool(settings["gradient_checkpointing"]))
         self.config = FinetuneConfig(**settings)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.data: PreparedData | None = None
 
     def train(self) -> TrainResult:
-        cfg = self.config
+        cfg = self._apply_checkpointing()
         checkpoint = check_output(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
         self.data = prepare_run_data(cfg, self.tokenizer, self.train_dataset, self.eval_dataset, self.console)
         result = run_training(self.model, self.tokenizer, self.data, cfg, checkpoint=checkpoint,
@@ -298,6 +333,27 @@ class Trainer:
         if self.wrapper is not None and self.wrapper.base_model_name_or_path is None:
             self.wrapper.base_model_name_or_path = result.base_model  # a random-init base, saved by the run
         return result
+
+    def _apply_checkpointing(self) -> FinetuneConfig:
+        """Turn gradient checkpointing / activation offload on or off as given to the Trainer; where neither was
+        given, the config takes the model's state as it is now (it may have changed since __init__)."""
+        cfg = self.config
+        if self.checkpointing_given:
+            self.model.enable_gradient_checkpointing(cfg.gradient_checkpointing, offload=cfg.offload_activations)
+        else:
+            enabled, offload = _checkpointing_state(self.model)
+            if (enabled, offload) != (cfg.gradient_checkpointing, cfg.offload_activations):
+                cfg = cfg.replace(gradient_checkpointing=enabled, offload_activations=offload)
+        self.config = cfg
+        return cfg
+
+
+_CHECKPOINTING = ("gradient_checkpointing", "offload_activations")
+
+
+def _checkpointing_state(model: FalconH1ForCausalLM) -> tuple[bool, bool]:
+    """(gradient checkpointing on, saved layer inputs offloaded) as the model is set now."""
+    return bool(model.model.gradient_checkpointing), bool(model.model.offload_checkpoints)
 
 
 def train(model, tokenizer, train_dataset, eval_dataset=None, **settings) -> TrainResult:
@@ -383,7 +439,7 @@ def _report(result: TrainResult, cfg: FinetuneConfig, lora: bool, console: Conso
 def finetune(config: FinetuneConfig | str | dict | None = None, *, callbacks=(), console: Console | None = None,
              **overrides) -> TrainResult:
     """Run a whole fine-tuning from a FinetuneConfig, a recipe path or a dict of settings (+ keyword overrides):
-    check the output folder, load the model and tokenizer, read the data, attach LoRA, train, save."""
+    check the output folder, load the tokenizer, read the data, load the model, attach LoRA, train, save."""
     console = console or Console(soft_wrap=True)
     if isinstance(config, FinetuneConfig):
         cfg = config.replace(**overrides) if overrides else config
@@ -406,23 +462,36 @@ def finetune(config: FinetuneConfig | str | dict | None = None, *, callbacks=(),
         bitsandbytes_module(resolve_device(cfg.device))  # before minutes of loading, not after
     if cfg.optimizer == "adamw_8bit":
         require_8bit_optimizer(resolve_device(cfg.device))  # before minutes of loading, not after
-    model = load_base_model(None if builtin else cfg.model, dtype=cfg.dtype, device=cfg.device,
-                            load_in_4bit=cfg.method == "qlora", seed=cfg.seed, revision=cfg.revision)
+    # The tokenizer and the data first: a malformed row or a hub dataset that cannot load is reported in seconds,
+    # not after minutes of loading the weights.
+    if not builtin:
+        _check_model_source(cfg.model, revision=cfg.revision)
     tokenizer = load_tokenizer(cfg.tokenizer or (None if builtin else cfg.model), revision=cfg.revision)
-    four_bit = ", decoder linears in 4-bit NF4 (QLoRA)" if is_quantized(model) else ""
-    console.print(f"model: {cfg.model or 'built-in tiny Falcon-H1 (random init)'}, {count_parameters(model):,} "
-                  f"parameters, {str(model.dtype).removeprefix('torch.')} on {model.device}{four_bit}", markup=False)
     data_source = cfg.data
     if data_source is None:
         from .assets import TINY_CHAT_DATA
         data_source = TINY_CHAT_DATA
     data = prepare_run_data(cfg, tokenizer, data_source, cfg.eval_data, console)
+    model = load_base_model(None if builtin else cfg.model, dtype=cfg.dtype, device=cfg.device,
+                            load_in_4bit=cfg.method == "qlora", seed=cfg.seed, revision=cfg.revision)
+    four_bit = ", decoder linears in 4-bit NF4 (QLoRA)" if is_quantized(model) else ""
+    console.print(f"model: {cfg.model or 'built-in tiny Falcon-H1 (random init)'}, {count_parameters(model):,} "
+                  f"parameters, {str(model.dtype).removeprefix('torch.')} on {model.device}{four_bit}", markup=False)
     _attach_trainable(model, cfg, console)
     result = run_training(model, tokenizer, data, cfg, checkpoint=checkpoint, base_name=model.name_or_path,
                           callbacks=callbacks, console=console)
     if builtin and cfg.data is None:  # the bundled data's questions: meaningless after training on other data
         show_tiny_answers(model, tokenizer, console)
     return result
+
+
+def _check_model_source(name: str, *, revision: str | None = None) -> None:
+    """Read the model's config alone (a hub id's config.json is downloaded without the weights), so that a mistyped
+    model is named as such, not as a tokenizer that cannot load."""
+    if Path(name).expanduser().exists() or not HUB_ID.fullmatch(str(name)):
+        FalconH1Config.from_pretrained(resolve_checkpoint(name, revision=revision))
+    else:
+        load_config(str(name), revision=revision)
 
 
 def _attach_trainable(model: FalconH1ForCausalLM, cfg: FinetuneConfig, console: Console) -> None:
@@ -445,10 +514,13 @@ def _attach_trainable(model: FalconH1ForCausalLM, cfg: FinetuneConfig, console: 
 
 # ---------------------------------------------------------------------------------------------- merge
 def merge(adapter, output, *, model: str | None = None, dtype=None, device="cpu", overwrite: bool = False,
-          max_shard_size: int | str = "5GB", token: str | None = None, console: Console | None = None) -> Path:
+          max_shard_size: int | str = "5GB", base_4bit: bool | None = None, token: str | None = None,
+          console: Console | None = None) -> Path:
     """Fold an adapter into its base model and write a Hugging Face checkpoint (with the tokenizer's files).
     model: the base (default: adapter_config.json's base_model_name_or_path); dtype: default the base
-    checkpoint's own. A QLoRA adapter is merged onto the dequantized 4-bit weights it was trained on."""
+    checkpoint's own. A QLoRA adapter is merged onto the dequantized 4-bit weights it was trained on.
+    base_4bit: whether the adapter was trained on a 4-bit base (QLoRA); None: as the adapter's
+    gyrfalcon_training.json records it, a dense base where it records nothing. The console says which it used."""
     console = console or Console(soft_wrap=True)
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
@@ -458,18 +530,17 @@ def merge(adapter, output, *, model: str | None = None, dtype=None, device="cpu"
     base = model or config.get("base_model_name_or_path")
     if not base:
         raise CheckpointError(f"{folder}: adapter_config.json names no base model; pass --model BASE")
-    info_path = folder / TRAINING_INFO
-    method = json.loads(info_path.read_text()).get("method") if info_path.exists() else None
+    recorded = base_was_4bit(folder)
+    four_bit = recorded if base_4bit is None else bool(base_4bit)
     device = resolve_device(device)
-    if method == "qlora":
+    if four_bit:
         # Quantized as training quantized it (same weights, same dtype), then made dense again.
         base_model = load_4bit(base, device=device, compute_dtype=_checkpoint_dtype(base, dtype, device), token=token)
         base_model = dequantize(base_model)
-        console.print("QLoRA adapter: merged onto the dequantized 4-bit (NF4) base weights it was trained on; the "
-                      "merged checkpoint therefore carries the 4-bit rounding of the base", markup=False)
     else:
         base_model = load_model(FalconH1ForCausalLM, base, dtype=_checkpoint_dtype(base, dtype, device),
                                 device=device, token=token)
+    console.print(_merge_base_note(bool(four_bit), recorded, base_4bit), markup=False)
     load_adapter(base_model, folder)
     n_layers = len(lora_layers(base_model))
     merge_and_unload(base_model)
@@ -485,6 +556,26 @@ def merge(adapter, output, *, model: str | None = None, dtype=None, device="cpu"
     console.print(f"merged {n_layers} LoRA layers of {folder} into {base}: wrote {output} "
                   f"({str(base_model.dtype).removeprefix('torch.')}); transformers loads it as is", markup=False)
     return output
+
+
+def _merge_base_note(four_bit: bool, recorded: bool | None, forced: bool | None) -> str:
+    """merge's line saying which base it folds the adapter onto, and why."""
+    def kind(is_4bit: bool) -> str:
+        return "a 4-bit (QLoRA)" if is_4bit else "a dense (LoRA)"
+
+    if forced is not None:
+        why = f"as asked: --{'' if forced else 'no-'}base-4bit"
+        if recorded is not None and recorded != forced:
+            why += f", although its {TRAINING_INFO} records {kind(recorded)} base"
+    elif recorded is None:
+        why = (f"the adapter has no {TRAINING_INFO} saying how its base was stored; if it was trained with QLoRA, "
+               "merge again with --base-4bit (merge(..., base_4bit=True))")
+    else:
+        why = f"its {TRAINING_INFO} records {kind(recorded)} base"
+    if four_bit:
+        return (f"merged onto the dequantized 4-bit (NF4) base weights ({why}); the merged checkpoint therefore "
+                "carries the 4-bit rounding of the base")
+    return f"merged onto the dense (unquantized) base weights ({why})"
 
 
 def _checkpoint_dtype(base, dtype, device: torch.device) -> torch.dtype:

@@ -4,6 +4,7 @@
     gyrfalcon finetune --model tiiuae/Falcon-H1-0.5B-Instruct --data chat.jsonl --config falcon-h1-0.5b-lora
     gyrfalcon finetune --output runs/x --resume         continue an interrupted run
     gyrfalcon merge --adapter runs/x/adapter --output merged-model
+    gyrfalcon merge --adapter peft-qlora-adapter --output merged-model --base-4bit    an adapter with no record
 
 Every key of a recipe (gyrfalcon.recipes.FinetuneConfig) is also a flag: `lora_r` is `--lora-r`; flags win over
 the recipe, the recipe over the defaults. `add_finetune_parsers(subparsers)` adds both commands to a parser.
@@ -79,7 +80,9 @@ def _add_merge(subparsers) -> None:
         "merge", help="fold a LoRA adapter into its base model and save a Hugging Face checkpoint",
         description="Fold a LoRA adapter (a PEFT folder, e.g. a run's adapter/) into its base model's weights and "
                     "write a Hugging Face checkpoint that transformers, gyrfalcon and other tools load as is. A "
-                    "QLoRA adapter is merged onto the dequantized 4-bit weights it was trained on.")
+                    "QLoRA adapter is merged onto the dequantized 4-bit weights it was trained on: gyrfalcon's "
+                    "adapter folders record it (gyrfalcon_training.json); for others, pass --base-4bit. merge says "
+                    "which base it used.")
     parser.add_argument("--adapter", "-a", required=True, help="adapter folder (or hub id)")
     parser.add_argument("--output", "-o", required=True, help="folder to write (never replaced unless --overwrite)")
     parser.add_argument("--model", "-m", default=None,
@@ -88,6 +91,10 @@ def _add_merge(subparsers) -> None:
                         help="dtype of the merged weights (auto: the base checkpoint's own)")
     parser.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 2GB)")
+    parser.add_argument("--base-4bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="the adapter was trained on a 4-bit base (QLoRA): merge onto the dequantized 4-bit (NF4) "
+                             "weights (needs bitsandbytes); --no-base-4bit: onto the dense weights (default: as the "
+                             "adapter's gyrfalcon_training.json records it; dense where it records nothing)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--token", default=None, help="Hugging Face token for gated or private models")
     parser.set_defaults(run=_merge)
@@ -137,7 +144,8 @@ def _merge(args: argparse.Namespace) -> int:
 
     try:
         merge(args.adapter, args.output, model=args.model, dtype=args.dtype, device=args.device,
-              overwrite=args.overwrite, max_shard_size=args.max_shard_size, token=args.token)
+              overwrite=args.overwrite, max_shard_size=args.max_shard_size, base_4bit=args.base_4bit,
+              token=args.token)
     except _errors() as err:
         print(f"gyrfalcon merge: error: {err}", file=sys.stderr)
         return 2

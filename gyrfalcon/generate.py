@@ -6,6 +6,9 @@
         print(event.text, end="", flush=True)
     ids = generate(model, input_ids, max_new_tokens=32).sequences         # token ids in, (b, l + new) ids out
 
+`model` is a FalconH1ForCausalLM, or the LoRA wrapper the notebook API returns (api.LoraModel, from get_peft_model
+or from_pretrained of an adapter folder): its adapters then run unmerged, as in training.
+
 How a call runs (DecodeEngine):
 1. Prompts are left-padded into one batch and prefilled `prefill_chunk` columns at a time (Mamba memory stays flat,
    attention reads the cache); padding never enters the cache (see cache.py).
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import HybridCache, kv_bucket
+from .model import FalconH1ForCausalLM
 from .ops.dispatch import reference_forced
 from .sampling import GenerationError, SamplerMode, SamplingParams, choose
 
@@ -388,6 +392,15 @@ class DecodeEngine:
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _unwrapped(model):
+    """The model to decode with: the FalconH1ForCausalLM inside an api.LoraModel, else `model` itself."""
+    if isinstance(model, FalconH1ForCausalLM):
+        return model
+    from .api import LoraModel  # imported only for a model that may be one
+
+    return model.base_model if isinstance(model, LoraModel) else model
+
+
 def _engine(model, batch: int, length: int, s: _Settings) -> DecodeEngine:
     """The model's engine if it fits this call, else a new one (the old one is dropped first, freeing its cache)."""
     engine = _ENGINES.get(model)
@@ -403,12 +416,12 @@ def _engine(model, batch: int, length: int, s: _Settings) -> DecodeEngine:
 
 def release(model) -> None:
     """Drop the model's decode engine (its cache and CUDA graphs) to free device memory."""
-    _ENGINES.pop(model, None)
+    _ENGINES.pop(_unwrapped(model), None)
 
 
 def cached_engine(model) -> DecodeEngine | None:
     """The decode engine kept for the model since its last generation, if any."""
-    return _ENGINES.get(model)
+    return _ENGINES.get(_unwrapped(model))
 
 
 # ---------------------------------------------------------------------------------------------- rows on the host
@@ -591,6 +604,7 @@ def _run(model, tokenizer, prompts: list[list[int]], s: _Settings, skip_special_
 def generate_ids(model, input_ids, *, attention_mask=None, **options) -> GenerationOutput:
     """Token ids in, token ids out. input_ids (b, l) tensor (attention_mask (b, l): 0 = left padding) or a list of
     id lists of any lengths. Returns GenerationOutput; `.sequences` is (b, l + steps) with the inputs as given."""
+    model = _unwrapped(model)
     s = _settings(model, None, **_options(options))
     if torch.is_tensor(input_ids):
         if input_ids.dim() != 2:
@@ -639,6 +653,7 @@ def _text_batches(model, tokenizer, prompts, options: dict):
     single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                           and isinstance(prompts[0], dict))
     items = [prompts] if single else list(prompts)
+    model = _unwrapped(model)
     s = _settings(model, tokenizer, **_options(options))
     ids = [_tokenize(tokenizer, p, i) for i, p in enumerate(items)]
     _check_prompts(model, ids)

@@ -116,16 +116,18 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
                         token: str | None = None, revision: str | None = None):
     """(model, tokenizer): a checkpoint and its tokenizer, or the built-in tiny model (None or "tiny"); an adapter
     merged in. A LoRA adapter folder given as `model` is taken as `adapter`; with an adapter and no model, the base
-    is the one its adapter_config.json names. The tokenizer is the adapter folder's where it holds one (training
-    saves it there), else the model's."""
+    is the one its adapter_config.json names. An adapter trained with QLoRA (its gyrfalcon_training.json says so) is
+    merged onto the base's dequantized 4-bit weights, the weights it was trained on, as `gyrfalcon merge` does. The
+    tokenizer is the adapter folder's where it holds one (training saves it there), else the model's."""
     import torch
 
     from .model import FalconH1ForCausalLM
-    from .peft_io import local_adapter, tokenizer_source
+    from .peft_io import base_was_4bit, local_adapter, tokenizer_source
 
     model, adapter = _model_and_adapter(model, adapter)
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     device = _device(device)
+    folder = local_adapter(adapter)
     if model is None:
         from .assets import load_tiny_tokenizer
         from .config import FalconH1Config
@@ -133,6 +135,8 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
         net = FalconH1ForCausalLM.from_config(FalconH1Config.from_preset("tiny"), dtype=torch_dtype, device=device,
                                               seed=0)
         tokenizer = load_tiny_tokenizer()
+    elif folder is not None and base_was_4bit(folder):
+        net = _dequantized_4bit_base(model, torch_dtype, device, token, revision)
     else:
         net = FalconH1ForCausalLM.from_pretrained(model, dtype=torch_dtype, device=device, token=token,
                                                   revision=revision)
@@ -188,6 +192,18 @@ def _load_tokenizer(model: str, token, revision):
         raise GenerationError(f"{model}: no usable tokenizer found next to the weights ({err}); a checkpoint for "
                               "generation needs its tokenizer files (tokenizer.json, tokenizer_config.json), or pass "
                               "an adapter folder that holds them") from None
+
+
+def _dequantized_4bit_base(model: str, dtype, device, token, revision):
+    """The base a QLoRA adapter was trained on, as dense weights: each decoder linear quantized to NF4 as it is
+    read, then dequantized (quant.load_4bit, quant.dequantize), so the merged model computes what the QLoRA model
+    did and decodes at a dense model's speed. Needs bitsandbytes on the device."""
+    from .quant import QLoRAUnavailable, dequantize, load_4bit
+
+    try:
+        return dequantize(load_4bit(model, device=device, compute_dtype=dtype, token=token, revision=revision))
+    except QLoRAUnavailable as err:
+        raise GenerationError(f"the adapter was trained with QLoRA, on the 4-bit form of {model}: {err}") from None
 
 
 def _apply_adapter(model, adapter: str, token, revision) -> None:

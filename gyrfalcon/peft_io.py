@@ -11,8 +11,10 @@ with Mamba layers): gyrfalcon writes and reads such adapters, but PEFT cannot lo
 adapter into a plain Hugging Face checkpoint that every tool loads.
 
 An adapter trained on a 4-bit base (QLoRA) is written and read the same way: the files hold only the adapter, which
-attaches to a dense or a 4-bit base alike (its training record, gyrfalcon_training.json, says `method: qlora`, so that
-`gyrfalcon merge` folds it into the dequantized 4-bit weights it was trained on).
+attaches to a dense or a 4-bit base alike. Every adapter folder gyrfalcon writes (save_adapter, a run's checkpoints and
+its result) also holds a record, gyrfalcon_training.json (PEFT ignores it), whose `method` says whether the model the
+adapter was saved from had a 4-bit base (`qlora`) or a dense one (`lora`), so that `gyrfalcon merge` folds a QLoRA
+adapter into the dequantized 4-bit weights it was trained on. Folders without it (older ones, PEFT's) still load.
 
     save_adapter(model, "out/adapter", base_model_name_or_path="tiiuae/Falcon-H1-0.5B-Instruct")
     load_adapter(base_model, "out/adapter")                    # attaches LoRA layers and loads their weights
@@ -34,9 +36,11 @@ from torch import nn
 from .checkpoint import CheckpointError, hub_snapshot
 from .checkpoint import atomic_folder as _atomic_folder
 from .lora import LoRALayer, add_lora, has_lora, is_linear, lora_layers
+from .quant import is_quantized
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINING_INFO = "gyrfalcon_training.json"  # beside the adapter: how it was trained (merge reads `method`)
 PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 # PEFT features that change the adapter's function in ways gyrfalcon's LoRA layers do not compute.
@@ -110,6 +114,15 @@ def write_adapter_files(model: nn.Module, folder, *, base_model_name_or_path: st
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, revision=revision)
     save_file(adapter_state_dict(model), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    record = training_record(model, base_model_name_or_path=base_model_name_or_path)
+    (folder / TRAINING_INFO).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def training_record(model: nn.Module, *, base_model_name_or_path: str | None = None) -> dict:
+    """gyrfalcon_training.json for an adapter saved from `model`: `method` qlora where its base is 4-bit NF4 (merge
+    then folds the adapter into the dequantized 4-bit weights), lora where it is dense; `base_model` as
+    adapter_config.json names it. A run's result folder gets the run's own record, with these keys and more."""
+    return {"method": "qlora" if is_quantized(model) else "lora", "base_model": base_model_name_or_path}
 
 
 def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | None = None,
@@ -141,8 +154,8 @@ def resolve_adapter(path_or_id, *, token: str | None = None, revision: str | Non
                     if (path / "config.json").exists() else "")
             raise AdapterError(f"{path}: no {ADAPTER_CONFIG}; not a LoRA adapter folder.{hint}")
         return path
-    return hub_snapshot(str(path_or_id), patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], token=token, revision=revision,
-                        error=AdapterError, what="adapter ")
+    return hub_snapshot(str(path_or_id), patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_INFO], token=token,
+                        revision=revision, error=AdapterError, what="adapter ")
 
 
 def local_adapter(name) -> Path | None:
@@ -162,6 +175,21 @@ def tokenizer_source(folder, base):
     """Where the tokenizer for an adapter on `base` is: the adapter folder where it holds one (training saves it
     there), else the base."""
     return folder if folder is not None and (Path(folder) / "tokenizer_config.json").exists() else base
+
+
+def base_was_4bit(folder) -> bool | None:
+    """What an adapter folder's gyrfalcon_training.json says of the base it was trained on: True for a 4-bit one
+    (method qlora), False for a dense one (lora); None where the folder has no such record (PEFT's adapters,
+    gyrfalcon's from before the record)."""
+    path = Path(folder) / TRAINING_INFO
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path}: not valid JSON ({err})") from None
+    method = record.get("method") if isinstance(record, dict) else None
+    return {"qlora": True, "lora": False}.get(method)
 
 
 def read_adapter_config(folder) -> dict:

@@ -115,13 +115,14 @@ class FinetuneConfig:
     adam_beta1: float = setting(0.9, "AdamW beta1", "train")
     adam_beta2: float = setting(0.999, "AdamW beta2", "train")
     adam_eps: float = setting(1e-8, "AdamW epsilon", "train")
-    optimizer: str = setting("adamw", "adamw (fused on CUDA) or adamw_8bit (bitsandbytes, CUDA)", "train",
+    optimizer: str = setting("adamw", "adamw (fused on CUDA) or adamw_8bit (bitsandbytes' 8-bit AdamW)", "train",
                              OPTIMIZERS)
     max_grad_norm: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)", "train")
     seed: int = setting(0, "seed of the adapters' init, data order, held-out split and dropout", "train")
     # ---- output
     output: str | None = setting(None, "run folder (default: runs/<model>-<method>-<date-time>)", "output")
-    overwrite: bool = setting(False, "replace an existing run folder (never done otherwise)", "output")
+    overwrite: bool = setting(False, "replace an existing run folder (never done otherwise; a folder holding other "
+                              "files is refused)", "output")
     resume: bool = setting(False, "continue the run in `output` from its latest checkpoint", "output")
     save_every: int = setting(200, "write a checkpoint every this many steps, and at the end (0: none, except on "
                                      "Ctrl-C or an error)",

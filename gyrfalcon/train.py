@@ -53,7 +53,7 @@ from .checkpoint import save_model, weight_files
 from .data import BatchStream, PreparedData
 from .lora import has_lora
 from .master_weights import MasterWeights
-from .peft_io import atomic_folder, copy_adapter_weights, read_adapter_weights, write_adapter_files
+from .peft_io import TRAINING_INFO, atomic_folder, copy_adapter_weights, read_adapter_weights, write_adapter_files
 from .recipes import FinetuneConfig
 from .step_graph import GraphedTrainStep
 
@@ -61,7 +61,6 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 STATE = "trainer_state.json"
 MASTER_WEIGHTS = "master_weights.safetensors"  # in a checkpoint: the fp32 copies of half-precision trained weights
-TRAINING_INFO = "gyrfalcon_training.json"  # beside the result: how it was trained (merge reads `method`)
 _STEP_DIR = re.compile(r"step-(\d+)")
 # What a run writes into its folder (base/: a random-init base the API keeps beside the adapter; merged/: where the
 # run's last message suggests merging to), and the temporary names of its atomic writes. --overwrite deletes a

@@ -1,6 +1,7 @@
 """`gyrfalcon finetune` and `gyrfalcon merge`: every recipe key has a flag and a help line, recipes in configs/ load
-and document every key, a short tiny run and a LoRA run on a checkpoint folder work end to end (merge included),
-and bad input exits with status 2 and a message naming the problem."""
+and document every key, a short tiny run and a LoRA run on a checkpoint folder work end to end (merge included), a
+QLoRA run's checkpoint adapter merges onto the dequantized 4-bit base (or, forced, the dense one), and bad input
+exits with status 2 and a message naming the problem."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def test_help_lists_every_setting(capsys):
     for flag in ("--config", "--print-config", "--resume", "--overwrite", "--no-packing"):
         assert flag in text
     merge = help_text("merge", capsys)
-    for flag in ("--adapter", "--output", "--model", "--dtype", "--device", "--max-shard-size", "--overwrite"):
+    for flag in ("--adapter", "--output", "--model", "--dtype", "--device", "--max-shard-size", "--overwrite",
+                 "--base-4bit", "--no-base-4bit", "--token"):
         assert flag in merge
 
 
@@ -117,12 +119,18 @@ def test_tiny_run_end_to_end(capsys, tmp_path):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_lora_run_on_a_checkpoint_then_merge(capsys, tmp_path):
+def base_and_data(tmp_path):
+    """A tiny checkpoint folder with the tiny tokenizer, and 40 rows of the bundled chat data."""
     model = FalconH1ForCausalLM.from_config(tiny_config(), dtype=torch.float32, device="cpu", seed=0)
     model.save_pretrained(tmp_path / "base")
     load_tiny_tokenizer().save_pretrained(str(tmp_path / "base"))
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(TINY_CHAT_DATA.read_text().splitlines(keepends=True)[:40]))
+    return tmp_path / "base", data
+
+
+def test_lora_run_on_a_checkpoint_then_merge(capsys, tmp_path):
+    _, data = base_and_data(tmp_path)
     run = tmp_path / "run"
     argv = ["finetune", "--model", str(tmp_path / "base"), "--data", str(data), "--output", str(run),
             "--lora-r", "4", "--lora-targets", "q_proj", "out_proj", "--learning-rate", "1e-2", *FAST]
@@ -149,6 +157,42 @@ def test_lora_run_on_a_checkpoint_then_merge(capsys, tmp_path):
     assert "loaded to continue training" in capsys.readouterr().out
 
 
+def test_qlora_checkpoint_adapter_merges_onto_the_4bit_base(capsys, tmp_path):
+    """A QLoRA run's checkpoints/step-N/adapter records its 4-bit base: merge folds it into the dequantized 4-bit
+    weights and says so (the QLoRA model's logits, to the fp32 rounding tests/test_quant.py's QLoRA merge allows);
+    --no-base-4bit forces the dense base (the adapter on the 16-bit weights), saying that too."""
+    pytest.importorskip("bitsandbytes")
+    from gyrfalcon.peft_io import load_adapter
+    from gyrfalcon.quant import load_4bit
+
+    base, data = base_and_data(tmp_path)
+    run = tmp_path / "run"
+    assert run_cli(["finetune", "--model", str(base), "--data", str(data), "--output", str(run), "--method", "qlora",
+                    "--device", "cpu", "--lora-r", "4", "--lora-targets", "q_proj", "in_proj", "out_proj",
+                    "--learning-rate", "1e-2", "--save-every", "2", *FAST]) == 0
+    adapter = run / "checkpoints" / "step-00000002" / "adapter"
+    assert json.loads((adapter / "gyrfalcon_training.json").read_text())["method"] == "qlora"
+    capsys.readouterr()
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+
+    def merged_logits(name, *flags):
+        assert run_cli(["merge", "--adapter", str(adapter), "--output", str(tmp_path / name), *flags]) == 0
+        with torch.no_grad():
+            logits = FalconH1ForCausalLM.from_pretrained(tmp_path / name, device="cpu")(ids).logits
+        return logits, " ".join(capsys.readouterr().out.split())
+
+    with torch.no_grad():
+        qlora = load_adapter(load_4bit(base, device="cpu", compute_dtype=torch.float32), adapter)(ids).logits
+        dense = load_adapter(FalconH1ForCausalLM.from_pretrained(base, device="cpu"), adapter)(ids).logits
+    logits, said = merged_logits("merged")
+    assert rel_err(logits, qlora) <= 1e-5 and rel_err(dense, qlora) > 1e-2
+    assert "merged onto the dequantized 4-bit (NF4) base weights (its gyrfalcon_training.json records a 4-bit" in said
+    logits, said = merged_logits("merged-dense", "--no-base-4bit")
+    assert rel_err(logits, dense) <= 1e-5
+    assert ("merged onto the dense (unquantized) base weights (as asked: --no-base-4bit, although its "
+            "gyrfalcon_training.json records a 4-bit (QLoRA) base)") in said
+
+
 def test_bad_input_exits_2_with_a_named_problem(capsys, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
@@ -168,6 +212,11 @@ def test_bad_input_exits_2_with_a_named_problem(capsys, tmp_path, monkeypatch):
     assert run_cli(["finetune", "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o5"), *FAST]) == 2
     out, err = capsys.readouterr()
     assert "nope.jsonl: no such file" in err and "model:" not in out and not (tmp_path / "o5").exists()
+    # a mistyped model is named as such (not as a tokenizer that cannot load), before the data is read
+    assert run_cli(["finetune", "--model", str(tmp_path / "no-model"), "--data", str(bad), "--output",
+                    str(tmp_path / "o6"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "no-model: no such folder" in err and "tokenizer" not in err
 
 
 @pytest.mark.slow

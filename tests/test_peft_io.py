@@ -1,7 +1,7 @@
 """PEFT adapter files both ways: a gyrfalcon adapter loaded by PEFT + transformers, and a PEFT-written adapter
 (rank_pattern / alpha_pattern, rsLoRA) loaded by gyrfalcon, give the same logits; adapters on the Mamba out_proj
-round-trip in gyrfalcon; merge writes a checkpoint transformers loads with the adapter model's logits; bad adapter
-folders are clear errors."""
+round-trip in gyrfalcon; gyrfalcon's adapter folders record whether their base was 4-bit (PEFT's have no record);
+merge writes a checkpoint transformers loads with the adapter model's logits; bad adapter folders are clear errors."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from gyrfalcon import FalconH1ForCausalLM
 from gyrfalcon.api import merge, save_merged
 from gyrfalcon.lora import ALL_TARGETS, apply_lora, lora_layers, lora_parameters
-from gyrfalcon.peft_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, adapter_config, load_adapter,
-                              save_adapter)
+from gyrfalcon.peft_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_INFO, AdapterError, adapter_config,
+                              base_was_4bit, load_adapter, save_adapter)
 from helpers import hf_model, rel_err, tiny_config
 
 NO_OUT_PROJ = [t for t in ALL_TARGETS if t != "out_proj"]  # PEFT refuses the Mamba out_proj on Falcon-H1
@@ -80,6 +80,7 @@ def test_peft_adapter_with_patterns_loads_in_gyrfalcon_with_the_same_logits(base
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     peft_model.save_pretrained(tmp_path / "peft-adapter")
+    assert base_was_4bit(tmp_path / "peft-adapter") is None  # PEFT writes no record: merge must be told or assume
     ours = load_adapter(ours_from(folder), tmp_path / "peft-adapter")
     layers = lora_layers(ours)
     assert layers["model.layers.1.mamba.in_proj"].r == 6 and layers["model.layers.0.mamba.in_proj"].r == 4
@@ -99,6 +100,8 @@ def test_out_proj_adapter_round_trips_in_gyrfalcon(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     config_file = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert config_file["target_modules"] == ["gate_proj", "out_proj"]
+    assert json.loads((tmp_path / "adapter" / TRAINING_INFO).read_text()) == {"method": "lora", "base_model": None}
+    assert base_was_4bit(tmp_path / "adapter") is False
     reloaded = load_adapter(ours_from(tmp_path / "base"), tmp_path / "adapter", trainable=True)
     assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == set(lora_parameters(model))
     ids = ids_for(config)
@@ -158,6 +161,9 @@ def test_bad_adapter_folders(tmp_path):
     (tmp_path / "pickle" / "adapter_model.bin").write_bytes(b"x")
     with pytest.raises(AdapterError, match="only pickle adapter weights"):
         load_adapter(fresh(), tmp_path / "pickle")
+    (tmp_path / "a" / TRAINING_INFO).write_text("{not json")
+    with pytest.raises(AdapterError, match="gyrfalcon_training.json: not valid JSON"):
+        base_was_4bit(tmp_path / "a")
     (tmp_path / "a" / ADAPTER_WEIGHTS).write_bytes(b"truncated")
     with pytest.raises(AdapterError, match="truncated or corrupt"):
         load_adapter(fresh(), tmp_path / "a")

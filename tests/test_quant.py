@@ -338,6 +338,12 @@ def test_qlora_run_tracks_lora_and_merges_onto_the_dequantized_weights(base, tmp
     assert all(isinstance(m, LoRALinear4bit) for m in lora_layers(qmodel).values())
     with torch.no_grad():
         expected = qmodel(ids()).logits
+    # `gyrfalcon generate` with the adapter folder: merged onto the dequantized 4-bit base, the same function
+    from gyrfalcon.generate_cli import load_for_generation
+
+    generating, _ = load_for_generation(str(adapter), dtype="float32", device="cpu")
+    with torch.no_grad():
+        assert rel_err(generating(ids()).logits, expected) <= 1e-5
     # PEFT + transformers load the adapter onto the dequantized base and compute the same function
     peft = pytest.importorskip("peft")
     dequantized = dequantize(load_4bit(base, device="cpu", compute_dtype=torch.float32))
