@@ -136,8 +136,12 @@ class Linear4bit(nn.Module):
 
 def dequantize_codes(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """A 4-bit weight's dense form: packed NF4 codes (ceil(out * in / 2), 1) uint8 and their QuantState -> (out,
-    in) in the state's compute dtype, a new tensor (no gradient flows: the codes are frozen). One or two kernels on
-    the current stream (the absmaxes' own dequantization, then the weight's), nothing read back to the host."""
+    in) in the state's compute dtype, a new tensor (no gradient flows: the codes are frozen). On CUDA, gyrfalcon's
+    one-pass Triton kernel (ops.nf4: the absmaxes' own dequantization fused in, the same bits as bitsandbytes'
+    dequantize_4bit, nothing read back to the host); elsewhere bitsandbytes' own."""
+    if packed.is_cuda and quant_state.quant_type == "nf4":
+        from .ops.nf4 import dequantize_nf4
+        return dequantize_nf4(packed, quant_state)
     return bitsandbytes_module().functional.dequantize_4bit(packed, quant_state)
 
 
