@@ -34,7 +34,7 @@ from gyrfalcon.lora import ALL_TARGETS, apply_lora
 from gyrfalcon.step_graph import GraphedTrainStep
 
 KINDS = (  # first match wins; names as CUDA reports them
-    ("dequant_4bit", ("dequantize",)),   # bitsandbytes' kDequantizeBlockwise (QLoRA's base)
+    ("dequant_4bit", ("dequantize", "_nf4_")),   # QLoRA's base: ops/nf4_triton.py, bitsandbytes' kDequantizeBlockwise
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "splitk")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("conv_triton", ("_conv_",)),
