@@ -122,12 +122,13 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
     import torch
 
     from .model import FalconH1ForCausalLM
-    from .peft_io import base_was_4bit, local_adapter, tokenizer_source
+    from .peft_io import base_was_4bit, local_adapter, resolve_adapter, tokenizer_source
 
     model, adapter = _model_and_adapter(model, adapter)
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     device = _device(device)
-    folder = local_adapter(adapter)
+    # the adapter's folder (a hub adapter is fetched here: its record says which base it was trained on)
+    folder = resolve_adapter(adapter, token=token, revision=revision) if adapter is not None else None
     if model is None:
         from .assets import load_tiny_tokenizer
         from .config import FalconH1Config

@@ -32,16 +32,16 @@ class MasterWeights:
 
     optimizer_params: (name, tensor) for every parameter, in the order given: the fp32 copy for a half-precision
     one (same shape, on the same device), the parameter itself otherwise. Empty of copies (bool(self) is False) when
-    no parameter is in half precision.
+    no parameter is in half precision, or when enabled is False (every parameter is then stepped as it is).
     """
 
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]]):
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], *, enabled: bool = True):
         self.names: list[str] = []
         self.model_params: list[torch.Tensor] = []
         self.masters: list[torch.Tensor] = []
         self.optimizer_params: list[tuple[str, torch.Tensor]] = []
         for name, p in params:
-            if p.dtype in HALF_DTYPES:
+            if enabled and p.dtype in HALF_DTYPES:
                 master = p.detach().to(torch.float32, copy=True)
                 self.names.append(name)
                 self.model_params.append(p)

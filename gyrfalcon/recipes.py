@@ -118,6 +118,8 @@ class FinetuneConfig:
     optimizer: str = setting("adamw", "adamw (fused on CUDA) or adamw_8bit (bitsandbytes' 8-bit AdamW)", "train",
                              OPTIMIZERS)
     max_grad_norm: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)", "train")
+    master_weights: bool = setting(True, "keep fp32 copies of bf16/fp16 trained weights (full fine-tuning: 4 bytes "
+                                   "per weight) so that small updates are not rounded away", "train")
     seed: int = setting(0, "seed of the adapters' init, data order, held-out split and dropout", "train")
     # ---- output
     output: str | None = setting(None, "run folder (default: runs/<model>-<method>-<date-time>)", "output")

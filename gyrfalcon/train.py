@@ -66,7 +66,7 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 # run's last message suggests merging to), and the temporary names of its atomic writes. --overwrite deletes a
 # folder only if it holds nothing else.
 RUN_ENTRIES = frozenset({"run.json", METRICS, "loss.png", CHECKPOINTS, "adapter", "model", "base", "merged"})
-_RUN_TEMPORARY = re.compile(r"\.(run\.json|metrics\.jsonl)\.tmp|\.(adapter|model|base|merged)\.partial-.+")
+_RUN_TEMPORARY = re.compile(r"\.(run\.json|metrics\.jsonl)\.tmp|\.(adapter|model|base|merged)\.(partial|old)-.+")
 # Settings that fix the data stream or the trained parameters: a checkpoint resumes only with the same values.
 _RESUME_FIXED = ("method", "batch_size", "grad_accum", "seed", "max_seq_length", "packing", "lora_r", "lora_alpha",
                  "lora_targets", "use_rslora", "train_on_prompt")
@@ -149,6 +149,9 @@ def check_output(output_dir, *, resume: bool, overwrite: bool) -> Path | None:
         raise TrainingError(f"{output_dir} is a file; choose a folder for the run's output")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         hint = " (it holds checkpoints: --resume continues that run)" if latest_checkpoint(output_dir) else ""
+        if overwrite_refusal(output_dir) is not None:  # not a run of gyrfalcon's: --overwrite would refuse it too
+            raise TrainingError(f"{output_dir} already exists and holds files that are not a gyrfalcon run's; "
+                                "choose another --output")
         raise TrainingError(f"{output_dir} already exists and is not empty{hint}; pass --overwrite to replace it, "
                             "or choose another --output")
     if overwrite and output_dir.is_dir() and (refusal := overwrite_refusal(output_dir)):
@@ -278,7 +281,8 @@ class TrainingLoop:
                                         packed=data.packed, shuffle=False) if data.eval else None)
         self.total = total_steps(config, self.train_stream.per_epoch)
         self.warmup = warmup_steps(config, self.total)
-        self.master = MasterWeights(self.params)  # fp32 copies of bf16/fp16 trained weights (none for fp32 ones)
+        # fp32 copies of bf16/fp16 trained weights (none for fp32 ones), unless the config turns them off
+        self.master = MasterWeights(self.params, enabled=config.master_weights)
         self.optimizer = self._make_optimizer()
         self.state = TrainState()
         self._saved_step = -1
@@ -523,6 +527,9 @@ class TrainingLoop:
             self.master.reset_from_model()  # the weights as the run starts from them
         if self.master:
             self.console.print(self.master.summary(), markup=False)
+        elif half := sum(p.numel() for _, p in self.params if p.dtype in (torch.bfloat16, torch.float16)):
+            self.console.print(f"note: master_weights is off: {half:,} half-precision trained weights are updated "
+                               "in their own precision, where small updates round away", markup=False)
         try:
             self._loop()
         except TrainingError:
@@ -560,6 +567,8 @@ class TrainingLoop:
                     self._eval_record(metrics)
                 for callback in self.callbacks:
                     callback(self, record)
+                # the next step starts from the RNGs as evaluation and callbacks leave them (a callback may draw)
+                self._rng_after_step = _rng_state()
                 if cfg.save_every and self.state.step % cfg.save_every == 0:
                     self.save_checkpoint()
             if self.eval_stream is not None:

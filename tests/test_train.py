@@ -24,7 +24,7 @@ from gyrfalcon.data import prepare_data
 from gyrfalcon.lora import apply_lora, lora_parameters
 from gyrfalcon.recipes import FinetuneConfig
 from gyrfalcon.train import (TrainingError, TrainingLoop, _hold_interrupts, check_output, latest_checkpoint, lr_at,
-                             plot_losses, require_8bit_optimizer)
+                             overwrite_refusal, plot_losses, require_8bit_optimizer)
 from helpers import rel_err
 
 SETTINGS = dict(method="lora", lora_r=4, lora_alpha=8, lora_dropout=0.1, batch_size=4, grad_accum=2,
@@ -347,6 +347,17 @@ def test_bf16_full_fine_tuning_follows_the_fp32_run(tmp_path, tok, small_data):
     info = json.loads((tmp_path / str(torch.bfloat16) / "run.json").read_text())["master_weights"]
     assert info == {"dtype": "float32", "copies_of": ["bfloat16"], "parameters": half, "bytes": 4 * half}
     assert f"fp32 master weights kept for {half:,} bfloat16 trained weights" in loop.console.file.getvalue()
+
+    # master_weights: false updates the bf16 weights directly, with what that costs, and says so
+    model = FalconH1ForCausalLM.from_config(FalconH1Config.from_preset("tiny"), dtype=torch.bfloat16, device="cpu",
+                                            seed=0)
+    loop = make_loop(tmp_path, tok, small_data, name="no-master", model=model, console=quiet(), master_weights=False,
+                     **settings)
+    loop.run()
+    assert not loop.master and "master_weights is off" in loop.console.file.getvalue()
+    moved_plain = torch.cat([(p.detach().float() - bf16[1][n]).flatten() for n, p in model.named_parameters()])
+    assert (moved_plain - moved32).norm() > 0.6 * moved32.norm()
+    assert "master_weights" not in json.loads((tmp_path / "no-master" / "run.json").read_text())
     assert "master_weights" not in json.loads((tmp_path / str(torch.float32) / "run.json").read_text())
     assert "master weights" not in fp32[4].console.file.getvalue() and not fp32[4].master
 
@@ -376,15 +387,17 @@ def test_master_weights_from_checkpoints_without_them_or_into_an_fp32_run(tmp_pa
 def test_output_folder_is_never_overwritten_unless_asked(tmp_path, tok, small_data):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "precious.txt").write_text("keep me")
-    with pytest.raises(TrainingError, match="already exists and is not empty; pass --overwrite"):
+    with pytest.raises(TrainingError, match="holds files that are not a gyrfalcon run's; choose another --output"):
         make_loop(tmp_path, tok, small_data)
     assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
     with pytest.raises(TrainingError, match="nothing to resume"):
         make_loop(tmp_path, tok, small_data, resume=True)
     (tmp_path / "run" / "precious.txt").unlink()
     make_loop(tmp_path, tok, small_data, max_steps=2).run()
-    with pytest.raises(TrainingError, match="it holds checkpoints: --resume continues that run"):
+    with pytest.raises(TrainingError, match="it holds checkpoints: --resume continues that run.*pass --overwrite"):
         make_loop(tmp_path, tok, small_data)
+    (tmp_path / "run" / ".adapter.old-x1y2").mkdir()  # what an interrupted replacement of adapter/ leaves
+    assert overwrite_refusal(tmp_path / "run") is None
 
 
 def test_overwrite_replaces_only_an_empty_folder_or_a_run(tmp_path, tok, small_data):

@@ -27,6 +27,7 @@ layout gyrfalcon never stores).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -145,12 +146,19 @@ def codes_ref(packed: torch.Tensor, n: int) -> torch.Tensor:
     return codes[:n].long()
 
 
+@functools.lru_cache(maxsize=None)
+def _nf4_table(device: torch.device) -> torch.Tensor:
+    """NF4_CODE as an fp32 tensor on `device`, made once per device: a copy from the host on every call could not
+    run inside a CUDA graph's capture (the reference path under ops.use_reference())."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
 def dequantize_nf4_ref(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """The definition (module docstring) in PyTorch, with the NF4 table written here rather than read from the
     state: quant_state.shape in quant_state.dtype."""
     t = nf4_tensors(packed, quant_state)
     n = t.numel
-    table = torch.tensor(NF4_CODE, dtype=torch.float32, device=t.packed.device)
+    table = _nf4_table(t.packed.device)
     absmax = block_absmax_ref(t)[:-(-n // t.blocksize)].repeat_interleave(t.blocksize)[:n]
     return (table[codes_ref(t.packed, n)] * absmax).to(t.dtype).reshape(t.shape)
 
