@@ -122,7 +122,7 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
     import torch
 
     from .model import FalconH1ForCausalLM
-    from .peft_io import base_was_4bit, local_adapter, resolve_adapter, tokenizer_source
+    from .peft_io import base_was_4bit, resolve_adapter, tokenizer_source
 
     model, adapter = _model_and_adapter(model, adapter)
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
@@ -142,10 +142,10 @@ def load_for_generation(model: str | None, *, adapter: str | None = None, dtype:
         net = FalconH1ForCausalLM.from_pretrained(model, dtype=torch_dtype, device=device, token=token,
                                                   revision=revision)
     if model is not None:
-        source = tokenizer_source(local_adapter(adapter), model)
+        source = tokenizer_source(folder, model)
         tokenizer = _load_tokenizer(str(source), token, revision if source == model else None)
-    if adapter is not None:
-        _apply_adapter(net, adapter, token, revision)
+    if folder is not None:
+        _apply_adapter(net, folder)
     return net.eval(), tokenizer
 
 
@@ -207,14 +207,12 @@ def _dequantized_4bit_base(model: str, dtype, device, token, revision):
         raise GenerationError(f"the adapter was trained with QLoRA, on the 4-bit form of {model}: {err}") from None
 
 
-def _apply_adapter(model, adapter: str, token, revision) -> None:
-    try:
-        from .lora import merge_and_unload
-        from .peft_io import load_adapter
-    except ImportError as err:
-        raise GenerationError(f"--adapter is not available in this installation yet ({err}): LoRA adapter loading "
-                              "(gyrfalcon.peft_io.load_adapter) is missing") from None
-    load_adapter(model, adapter, token=token, revision=revision)
+def _apply_adapter(model, folder) -> None:
+    """Load the adapter in `folder` (resolved: a local folder or a hub snapshot) into the model and fold it in."""
+    from .lora import merge_and_unload
+    from .peft_io import load_adapter
+
+    load_adapter(model, folder)
     merge_and_unload(model)  # plain linears again: decoding runs at the base model's speed
 
 

@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import save_model, weight_files
 from .data import BatchStream, PreparedData
 from .lora import has_lora
-from .master_weights import MasterWeights
+from .master_weights import HALF_DTYPES, MasterWeights
 from .peft_io import TRAINING_INFO, atomic_folder, copy_adapter_weights, read_adapter_weights, write_adapter_files
 from .recipes import FinetuneConfig
 from .step_graph import GraphedTrainStep
@@ -527,7 +527,7 @@ class TrainingLoop:
             self.master.reset_from_model()  # the weights as the run starts from them
         if self.master:
             self.console.print(self.master.summary(), markup=False)
-        elif half := sum(p.numel() for _, p in self.params if p.dtype in (torch.bfloat16, torch.float16)):
+        elif half := sum(p.numel() for _, p in self.params if p.dtype in HALF_DTYPES):
             self.console.print(f"note: master_weights is off: {half:,} half-precision trained weights are updated "
                                "in their own precision, where small updates round away", markup=False)
         try:
